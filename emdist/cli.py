@@ -1,0 +1,318 @@
+"""The ``emdist`` command line: thin wrappers that parse, call one library function, print.
+
+Heavy modules (numpy, the engine, ``distributed``) are imported inside the commands, so
+``emdist --help`` is fast and never imports ``distributed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+log = logging.getLogger("emdist")
+
+# Typer vendors click in recent versions and uses click itself in older ones: find the
+# classes through what typer exports.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one line (``emdist train: error: ...``), exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                typer.echo(exc.format_message(), err=True)
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            name = ctx.command_path if ctx is not None else "emdist"
+            typer.echo(f"{name}: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("emdist: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="Train Gaussian mixture models by EM on Kaldi features, on one machine or a Dask "
+    "cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Cov(str, Enum):
+    diag = "diag"
+    full = "full"
+
+
+class Init(str, Enum):
+    kmeans = "kmeans"
+    mixup = "mixup"
+
+
+class Precision(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+class Style(str, Enum):
+    kaldi = "kaldi"
+    sklearn = "sklearn"
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("emdist: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    logging.captureWarnings(True)
+    warn_log = logging.getLogger("py.warnings")
+    warn_log.handlers[:] = [handler]
+    warn_log.propagate = False
+
+
+def _run(verbose: bool, func, *args, **kwargs):
+    """Call ``func``; emdist errors become one line and their exit status."""
+    from emdist.errors import EmdistError
+
+    try:
+        return func(*args, **kwargs)
+    except EmdistError as exc:
+        if verbose:
+            raise
+        typer.echo(f"emdist: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("emdist: interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # an unexpected failure: one line unless --verbose
+        if verbose:
+            raise
+        typer.echo(
+            f"emdist: error: {type(exc).__name__}: {exc} (run with --verbose for a traceback)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | None,
+             wait_workers: int, wait_timeout: float):
+    from emdist.errors import UserError
+
+    if scheduler and scheduler_file:
+        raise UserError("--scheduler and --scheduler-file are exclusive; give one")
+    if (scheduler or scheduler_file) and workers is not None:
+        raise UserError("--workers starts a local cluster; it cannot go with --scheduler")
+    if scheduler or scheduler_file:
+        from emdist.backends.dask_backend import DaskBackend
+
+        return DaskBackend.connect(scheduler, str(scheduler_file) if scheduler_file else None,
+                                   timeout=wait_timeout, n_workers=wait_workers)
+    n = _default_workers() if workers is None else workers
+    if n < 0:
+        raise UserError(f"--workers must be 0 (in process) or more, not {n}")
+    if n == 0:
+        from emdist.backends.serial import SerialBackend
+
+        return SerialBackend()
+    from emdist.backends.dask_backend import DaskBackend
+
+    return DaskBackend.local(n)
+
+
+def _default_data(split: str) -> Path:
+    from emdist.corpora import digits_dir
+
+    return digits_dir(split)
+
+
+Workers = Annotated[
+    int | None,
+    typer.Option("--workers", "-w", help="Worker processes of an embedded Dask LocalCluster; "
+                 "0 runs in process. [default: the number of CPU cores]", show_default=False),
+]
+Scheduler = Annotated[
+    str | None, typer.Option(help="Address of a running Dask scheduler (tcp:// or tls://).")
+]
+SchedulerFile = Annotated[
+    Path | None, typer.Option(help="Scheduler file of a running Dask cluster.")
+]
+WaitWorkers = Annotated[int, typer.Option(help="Workers to wait for on a remote cluster.")]
+WaitTimeout = Annotated[float, typer.Option(help="Seconds to wait for the scheduler/workers.")]
+Nj = Annotated[int, typer.Option(help="Number of shards (jobs); independent of --workers.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path | None, typer.Argument(
+        help="Kaldi data dir (feats.scp, text). [default: the bundled digits train set]",
+        show_default=False)] = None,
+    exp_dir: Annotated[Path, typer.Argument(help="Experiment dir to write.")] = Path("exp/digits"),
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    scheduler_file: SchedulerFile = None,
+    wait_workers: WaitWorkers = 1,
+    wait_timeout: WaitTimeout = 60.0,
+    num_gauss: Annotated[int, typer.Option(help="Gaussians per model.")] = 8,
+    cov: Annotated[Cov, typer.Option(help="Covariance type.")] = Cov.full,
+    num_iters: Annotated[int, typer.Option(help="Maximum EM iterations.")] = 10,
+    init: Annotated[Init, typer.Option(help="k-means++ and Lloyd, or Kaldi-style mix-up.")]
+    = Init.kmeans,
+    nj: Nj = 8,
+    global_: Annotated[bool, typer.Option("--global", help="One GMM over all frames (a UBM); "
+                                          "no text needed.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
+    tol: Annotated[float, typer.Option(help="Stop when the log-likelihood per frame changes "
+                                       "by less than this (0: run all iterations).")] = 0.0,
+    kmeans_iters: Annotated[int, typer.Option(help="Lloyd passes of --init kmeans.")] = 10,
+    mixup_iters: Annotated[int, typer.Option(help="EM passes after each split of --init "
+                                             "mixup.")] = 2,
+    perturb_factor: Annotated[float, typer.Option(help="Mix-up mean perturbation, in σ.")] = 0.1,
+    precision: Annotated[Precision, typer.Option(help="Precision of the E-step products "
+                                                 "(statistics are always float64).")]
+    = Precision.float64,
+    chunk_size: Annotated[int, typer.Option(help="Frames per E-step product.")] = 2048,
+    mstep_style: Annotated[Style, typer.Option(help="Kaldi's guards, or scikit-learn's "
+                                               "reg_covar with no removal.")] = Style.kaldi,
+    min_variance: Annotated[float, typer.Option(help="Variance floor (diag).")] = 1e-3,
+    variance_floor: Annotated[float, typer.Option(help="Eigenvalue floor (full).")] = 1e-3,
+    max_condition: Annotated[float, typer.Option(help="Maximum condition number (full).")]
+    = 1e4,
+    min_gaussian_occupancy: Annotated[float | None, typer.Option(
+        help="Occupancy needed for an update. [default: 10 diag, 100 full]",
+        show_default=False)] = None,
+    min_gaussian_weight: Annotated[float, typer.Option(help="Weight needed for an update.")]
+    = 1e-5,
+    remove_low_count: Annotated[bool, typer.Option(
+        "--remove-low-count/--keep-low-count", help="Remove starved Gaussians.")] = True,
+    reg_covar: Annotated[float, typer.Option(help="Added to covariance diagonals "
+                                             "(--mstep-style sklearn).")] = 1e-6,
+    stage: Annotated[int | None, typer.Option(help="Restart from STAGE.mdl.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run with other options.")] = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train one GMM per word of DATA_DIR/text (or one --global GMM) into EXP_DIR."""
+    _setup_logging(verbose, quiet)
+    options = dict(
+        num_gauss=num_gauss, covariance_type=cov.value, num_iters=num_iters, init=init.value,
+        nj=nj, global_mode=global_, seed=seed, tol=tol, kmeans_iters=kmeans_iters,
+        mixup_iters=mixup_iters, perturb_factor=perturb_factor,
+    )
+    estep = dict(dtype=precision.value, chunk_size=chunk_size)
+    mstep = dict(
+        style=mstep_style.value, min_variance=min_variance, variance_floor=variance_floor,
+        max_condition=max_condition, min_gaussian_occupancy=min_gaussian_occupancy,
+        min_gaussian_weight=min_gaussian_weight, remove_low_count_gaussians=remove_low_count,
+        reg_covar=reg_covar,
+    )
+    backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout)
+    _run(verbose, _train, data_dir, exp_dir, options, estep, mstep, backend_args, stage,
+         overwrite)
+
+
+def _train(data_dir, exp_dir, options, estep, mstep, backend_args, stage, overwrite) -> None:
+    from emdist.datadir import load_data_dir
+    from emdist.engine import TrainConfig, train
+    from emdist.estep import EStepOptions
+    from emdist.expdir import ExpDir
+    from emdist.mstep import MStepOptions
+
+    config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
+    data = load_data_dir(data_dir or _default_data("train"),
+                         require_labels=not config.global_mode)
+    log.info("data %s: %d utterances, %d frames, dim %d", data.path, len(data.utts),
+             data.num_frames, data.dim)
+    backend = _backend(*backend_args)
+    try:
+        log.info("running on %s", backend.describe())
+        train(data, config, backend, ExpDir(exp_dir), stage=stage, overwrite=overwrite,
+              on_record=_print_record)
+    finally:
+        backend.close()
+    log.info("wrote %s", Path(exp_dir) / "final.mdl")
+
+
+def _print_record(record) -> None:
+    log.info(
+        "iter %d: log-likelihood per frame %.6f over %d frames, floored %d, removed %d "
+        "(%.1f s)", record.iter, record.loglike_per_frame, record.frames, record.floored,
+        record.removed, record.seconds,
+    )
+
+
+@app.command("test")
+def test_(
+    exp_dir: Annotated[Path, typer.Argument(help="Experiment dir with final.mdl.")]
+    = Path("exp/digits"),
+    data_dir: Annotated[Path | None, typer.Argument(
+        help="Kaldi data dir to recognise. [default: the bundled digits test set]",
+        show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="Model in EXP_DIR to score with.")] = "final.mdl",
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    scheduler_file: SchedulerFile = None,
+    wait_workers: WaitWorkers = 1,
+    wait_timeout: WaitTimeout = 60.0,
+    nj: Nj = 8,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Recognise every utterance of DATA_DIR with the word models of EXP_DIR; print %ERR."""
+    _setup_logging(verbose, quiet)
+    backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout)
+    _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj)
+
+
+def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int) -> None:
+    from emdist.datadir import load_data_dir
+    from emdist.modelio import load_models
+    from emdist.recognizer import evaluate, write_results
+
+    models = load_models(Path(exp_dir) / model)
+    data = load_data_dir(data_dir or _default_data("test"), require_labels=True)
+    backend = _backend(*backend_args)
+    try:
+        results = evaluate(models, data, backend, nj)
+    finally:
+        backend.close()
+    out = Path(exp_dir) / f"decode_{data.name}" / "results.json"
+    write_results(results, out)
+    log.info("wrote %s", out)
+    typer.echo(results.summary_line())
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

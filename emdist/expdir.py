@@ -1,0 +1,171 @@
+"""The Kaldi-style experiment directory.
+
+::
+
+    EXP_DIR/
+      config.json          resolved training options (compared on resume)
+      num_jobs             number of shards (Kaldi's nj)
+      0.mdl ... N.mdl      models after each iteration (0.mdl: the initial model)
+      final.mdl            copy of the last model
+      metrics.jsonl        one JSON record per iteration
+      log/init.P.JOB.log   jobs of initialisation pass P (k-means or mix-up)
+      log/init.P.log       update of initialisation pass P
+      log/acc.I.JOB.log    E-step job JOB on I.mdl
+      log/update.I.log     M-step from I.mdl's statistics to I+1.mdl
+      decode_<data>/results.json   written by ``emdist test``
+
+Every file is written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from emdist.errors import UserError
+from emdist.gmm import GMM
+from emdist.modelio import atomic_write_bytes, atomic_write_text, load_models, save_models
+from emdist.tasks import JobReport
+
+_MODEL_RE = re.compile(r"^(\d+)\.mdl$")
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%a %b %d %H:%M:%S %Z %Y", time.localtime(t))
+
+
+class ExpDir:
+    """Paths and atomic writers of one experiment directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.log_dir = self.path / "log"
+
+    def model_path(self, i: int | str) -> Path:
+        return self.path / f"{i}.mdl"
+
+    @property
+    def final(self) -> Path:
+        return self.model_path("final")
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def model_numbers(self) -> list[int]:
+        if not self.path.is_dir():
+            return []
+        found = (_MODEL_RE.match(p.name) for p in self.path.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save_model(self, i: int | str, models: Mapping[str, GMM]) -> None:
+        save_models(self.model_path(i), models)
+
+    def load_model(self, i: int | str) -> dict[str, GMM]:
+        return load_models(self.model_path(i))
+
+    def write_final(self, i: int) -> None:
+        atomic_write_bytes(self.final, self.model_path(i).read_bytes())
+
+    # -- configuration and resume -------------------------------------------------------
+
+    def read_config(self) -> dict | None:
+        if not self.config_path.exists():
+            return None
+        return json.loads(self.config_path.read_text())
+
+    def prepare(self, config: dict, overwrite: bool) -> None:
+        """Create the directory, or check that it holds a run with the same options.
+
+        A directory holding a run with other options is refused unless ``overwrite``, in
+        which case its models, logs and metrics are removed first.
+        """
+        old = self.read_config()
+        if old is not None and old != config:
+            if not overwrite:
+                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise UserError(
+                    f"{self.path} holds a run with other training options "
+                    f"({', '.join(changed)}); use another exp dir or --overwrite"
+                )
+            self.clear()
+        elif old is None and self.model_numbers() and not overwrite:
+            raise UserError(
+                f"{self.path} holds models but no config.json; use another exp dir or --overwrite"
+            )
+        elif overwrite and old is None:
+            self.clear()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def clear(self) -> None:
+        """Remove what a training run writes (models, logs, metrics, config)."""
+        for i in self.model_numbers():
+            self.model_path(i).unlink()
+        for p in (self.final, self.metrics_path, self.config_path, self.path / "num_jobs"):
+            p.unlink(missing_ok=True)
+        if self.log_dir.is_dir():
+            shutil.rmtree(self.log_dir)
+
+    def drop_models_after(self, i: int) -> None:
+        """Forget models and records after ``i`` (``--stage i`` restarts from ``i.mdl``)."""
+        for n in self.model_numbers():
+            if n > i:
+                self.model_path(n).unlink()
+        self.final.unlink(missing_ok=True)
+        self.write_metrics([r for r in self.read_metrics() if r["iter"] <= i])
+
+    # -- records and logs -------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def write_metrics(self, records: Iterable[dict]) -> None:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        atomic_write_text(self.metrics_path, text)
+
+    def job_log_path(self, stage: str, i: int, job: int) -> Path:
+        return self.log_dir / f"{stage}.{i}.{job}.log"
+
+    def write_job_log(self, stage: str, i: int, command: str, report: JobReport) -> None:
+        """A run.pl-style log of one job: command, host, start, body, accounting, end."""
+        body = [
+            f"# {command}",
+            f"# Started at {_stamp(report.start)} on {report.host} (pid {report.pid})",
+            f"# job {report.job}: {report.utts} utterances, {report.frames} frames",
+            *report.lines,
+            f"log-likelihood per frame {report.loglike / max(report.frames, 1):.6f} over "
+            f"{report.frames} frames",
+            f"# Accounting: time={report.end - report.start:.0f} threads=1",
+            f"# Ended (code 0) at {_stamp(report.end)}, elapsed time "
+            f"{report.end - report.start:.0f} seconds",
+        ]
+        atomic_write_text(self.job_log_path(stage, i, report.job), "\n".join(body) + "\n")
+
+    def write_failed_log(self, stage: str, i: int, job: int, command: str, error: str) -> Path:
+        path = self.job_log_path(stage, i, job)
+        now = time.time()
+        text = (
+            f"# {command}\n# Started at {_stamp(now)}\n{error.rstrip()}\n"
+            f"# Accounting: time=0 threads=1\n# Ended (code 1) at {_stamp(now)}, "
+            "elapsed time 0 seconds\n"
+        )
+        atomic_write_text(path, text)
+        return path
+
+    def write_update_log(self, name: str, command: str, lines: Iterable[str]) -> None:
+        now = time.time()
+        text = "\n".join([f"# {command}", f"# Started at {_stamp(now)}", *lines,
+                          f"# Ended (code 0) at {_stamp(time.time())}"])
+        atomic_write_text(self.log_dir / name, text + "\n")

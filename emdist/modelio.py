@@ -1,0 +1,157 @@
+"""Model and statistics files: ``.npz`` archives of arrays plus JSON metadata, no pickle.
+
+A model file holds one or more GMMs keyed by label (one per word; ``global`` for a UBM)::
+
+    meta.npy              0-d unicode array: JSON {"format": "emdist-gmm", "version": 1,
+                          "covariance_type", "dim", "labels": [...], "n_components": [...]}
+    <i>.weights.npy       (K_i,)      for the i-th label in "labels"
+    <i>.means.npy         (K_i, D)
+    <i>.covariances.npy   (K_i, D) or (K_i, D, D)
+
+Files are read with ``numpy.load(path, allow_pickle=False)``. They are written
+deterministically (fixed zip timestamps, no run options), so the same model gives the same
+bytes, and atomically (temporary name in the same directory, then rename).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from emdist.errors import UserError
+from emdist.gmm import GMM
+from emdist.stats import GmmStats
+
+MODEL_FORMAT = "emdist-gmm"
+STATS_FORMAT = "emdist-stats"
+FORMAT_VERSION = 1
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An ``.npz`` archive of ``arrays`` whose bytes depend only on the arrays."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _meta_array(meta: dict) -> np.ndarray:
+    return np.array(json.dumps(meta, sort_keys=True))
+
+
+def save_models(path: str | os.PathLike, models: Mapping[str, GMM]) -> None:
+    """Write ``{label: GMM}`` to ``path`` (atomically, deterministically)."""
+    labels = sorted(models)
+    if not labels:
+        raise ValueError("no models to save")
+    first = models[labels[0]]
+    meta = {
+        "format": MODEL_FORMAT,
+        "version": FORMAT_VERSION,
+        "covariance_type": first.covariance_type,
+        "dim": first.dim,
+        "labels": labels,
+        "n_components": [models[lab].n_components for lab in labels],
+    }
+    arrays = {"meta": _meta_array(meta)}
+    for i, label in enumerate(labels):
+        gmm = models[label]
+        arrays[f"{i}.weights"] = gmm.weights
+        arrays[f"{i}.means"] = gmm.means
+        arrays[f"{i}.covariances"] = gmm.covariances
+    atomic_write_bytes(path, npz_bytes(arrays))
+
+
+def _open_archive(path: str | os.PathLike, fmt: str) -> tuple[dict, dict]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not an emdist file ({exc})") from None
+    if meta.get("format") != fmt:
+        raise UserError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise UserError(
+            f"{path}: format version {meta['version']} is newer than this emdist "
+            f"understands ({FORMAT_VERSION}); upgrade emdist"
+        )
+    return meta, arrays
+
+
+def load_models(path: str | os.PathLike) -> dict[str, GMM]:
+    """Read a model file: ``{label: GMM}`` (a global model has the single label ``global``).
+
+    Examples
+    --------
+    >>> models = emdist.load_models("exp/digits/final.mdl")   # doctest: +SKIP
+    >>> models["Z"].means.shape                                # doctest: +SKIP
+    (5, 39)
+    """
+    meta, arrays = _open_archive(path, MODEL_FORMAT)
+    try:
+        return {
+            label: GMM(
+                arrays[f"{i}.weights"],
+                arrays[f"{i}.means"],
+                arrays[f"{i}.covariances"],
+                meta["covariance_type"],
+            )
+            for i, label in enumerate(meta["labels"])
+        }
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: corrupt model file ({exc})") from None
+
+
+def save_stats(path: str | os.PathLike, stats: Mapping[str, GmmStats]) -> None:
+    """Write ``{label: GmmStats}`` (float64, additive) to ``path``."""
+    labels = sorted(stats)
+    meta = {"format": STATS_FORMAT, "version": FORMAT_VERSION, "labels": labels}
+    arrays = {"meta": _meta_array(meta)}
+    for i, label in enumerate(labels):
+        arrays.update(stats[label].to_arrays(prefix=f"{i}."))
+    atomic_write_bytes(path, npz_bytes(arrays))
+
+
+def load_stats(path: str | os.PathLike) -> dict[str, GmmStats]:
+    """Read a statistics file written by :func:`save_stats`."""
+    meta, arrays = _open_archive(path, STATS_FORMAT)
+    return {
+        label: GmmStats.from_arrays(arrays, prefix=f"{i}.")
+        for i, label in enumerate(meta["labels"])
+    }

@@ -1,0 +1,115 @@
+"""Isolated-word recognition: each utterance goes to the model with the highest total
+log-likelihood ``Σ_t log p(x_t | word)``; error rate and confusion matrix against ``text``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emdist.backends.base import Backend, JobsFailed
+from emdist.datadir import DataDir, split_by_frames
+from emdist.errors import RuntimeFailure, UserError
+from emdist.estep import EStepOptions
+from emdist.gmm import GMM
+from emdist.modelio import atomic_write_text
+from emdist.tasks import GLOBAL_LABEL, Shard, score_shard
+
+
+@dataclass(frozen=True)
+class Results:
+    """Recognition results; ``to_dict`` is the content of ``results.json``."""
+
+    labels: list[str]
+    utts: list[dict]
+    confusion: np.ndarray
+
+    @property
+    def n_utts(self) -> int:
+        return len(self.utts)
+
+    @property
+    def n_errors(self) -> int:
+        return sum(u["ref"] != u["hyp"] for u in self.utts)
+
+    @property
+    def error_rate(self) -> float:
+        return self.n_errors / self.n_utts if self.utts else 0.0
+
+    def summary_line(self) -> str:
+        """Kaldi's ``%WER``-style line: ``%ERR 0.91 [ 1 / 110 ]``."""
+        return f"%ERR {100.0 * self.error_rate:.2f} [ {self.n_errors} / {self.n_utts} ]"
+
+    def to_dict(self) -> dict:
+        return {
+            "accuracy": 1.0 - self.error_rate,
+            "error_rate": self.error_rate,
+            "n_utts": self.n_utts,
+            "n_errors": self.n_errors,
+            "labels": self.labels,
+            "confusion": self.confusion.tolist(),
+            "utts": self.utts,
+        }
+
+
+def score(
+    models: Mapping[str, GMM], data: DataDir, backend: Backend, nj: int = 8,
+    options: EStepOptions | None = None,
+) -> dict[str, dict[str, float]]:
+    """Total log-likelihood of every utterance under every model: ``{utt: {label: ll}}``."""
+    dims = {m.dim for m in models.values()}
+    if dims != {data.dim}:
+        raise UserError(
+            f"{data.path}: features have dimension {data.dim} but the models have {sorted(dims)}"
+        )
+    shards = [Shard(i, part, tuple(GLOBAL_LABEL for _ in part))
+              for i, part in enumerate(split_by_frames(data.utts, nj))]
+    try:
+        parts = backend.map(score_shard, shards, dict(models), options or EStepOptions())
+    except JobsFailed as failed:
+        first = failed.failures[0]
+        raise RuntimeFailure(
+            f"{len(failed.failures)} / {failed.total} scoring jobs failed; job "
+            f"{first.index + 1}: {first.error}"
+        ) from None
+    return {utt: scores for part in parts for utt, scores in part}
+
+
+def decide(scores: Mapping[str, float]) -> tuple[str, float]:
+    """The best label and its score (ties go to the first label in sorted order)."""
+    labels = sorted(scores)
+    values = np.array([scores[lab] for lab in labels])
+    best = int(np.argmax(values))
+    return labels[best], float(values[best])
+
+
+def evaluate(models: Mapping[str, GMM], data: DataDir, backend: Backend, nj: int = 8,
+             options: EStepOptions | None = None) -> Results:
+    """Recognise every utterance of ``data`` and compare with its ``text`` label."""
+    if not data.has_text:
+        raise UserError(f"{data.path}: no text file; scoring needs reference labels")
+    unknown = sorted({u.label for u in data.utts} - set(models))
+    if unknown:
+        raise UserError(
+            f"{data.path}/text: label {unknown[0]!r} has no model (models: "
+            f"{', '.join(sorted(models))})"
+        )
+    scores = score(models, data, backend, nj, options)
+    labels = sorted(models)
+    index = {lab: i for i, lab in enumerate(labels)}
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    utts = []
+    for utt in data.utts:
+        hyp, best = decide(scores[utt.utt_id])
+        confusion[index[utt.label], index[hyp]] += 1
+        utts.append({"utt": utt.utt_id, "ref": utt.label, "hyp": hyp, "score": best})
+    return Results(labels, utts, confusion)
+
+
+def write_results(results: Results, path: str | Path) -> None:
+    """Write ``results.json`` atomically."""
+    atomic_write_text(path, json.dumps(results.to_dict(), indent=1) + "\n")
