@@ -71,6 +71,12 @@ class Precision(str, Enum):
     float32 = "float32"
 
 
+class FeatureCache(str, Enum):
+    auto = "auto"
+    memory = "memory"
+    none = "none"
+
+
 class Style(str, Enum):
     kaldi = "kaldi"
     sklearn = "sklearn"
@@ -121,7 +127,7 @@ def _run(verbose: bool, func, *args, **kwargs):
 
 
 def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | None,
-             wait_workers: int, wait_timeout: float):
+             wait_workers: int, wait_timeout: float, dashboard_address: str | None = None):
     from emdist.errors import UserError
 
     if scheduler and scheduler_file:
@@ -142,7 +148,7 @@ def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | 
         return SerialBackend()
     from emdist.backends.dask_backend import DaskBackend
 
-    return DaskBackend.local(n)
+    return DaskBackend.local(n, dashboard_address=dashboard_address)
 
 
 def _default_data(split: str) -> Path:
@@ -164,6 +170,9 @@ SchedulerFile = Annotated[
 ]
 WaitWorkers = Annotated[int, typer.Option(help="Workers to wait for on a remote cluster.")]
 WaitTimeout = Annotated[float, typer.Option(help="Seconds to wait for the scheduler/workers.")]
+Dashboard = Annotated[str | None, typer.Option(
+    help="Serve the embedded cluster's dashboard at this address (e.g. 127.0.0.1:8787; "
+    "needs bokeh). [default: no dashboard]", show_default=False)]
 Nj = Annotated[int, typer.Option(help="Number of shards (jobs); independent of --workers.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
@@ -214,6 +223,10 @@ def train(
         "--remove-low-count/--keep-low-count", help="Remove starved Gaussians.")] = True,
     reg_covar: Annotated[float, typer.Option(help="Added to covariance diagonals "
                                              "(--mstep-style sklearn).")] = 1e-6,
+    feature_cache: Annotated[FeatureCache, typer.Option(
+        help="Keep shards in worker memory across iterations, stream them from disk each "
+        "time, or cache when they fit in half the workers' memory.")] = FeatureCache.auto,
+    dashboard_address: Dashboard = None,
     stage: Annotated[int | None, typer.Option(help="Restart from STAGE.mdl.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run with other options.")] = False,
     verbose: Verbose = False,
@@ -233,12 +246,13 @@ def train(
         min_gaussian_weight=min_gaussian_weight, remove_low_count_gaussians=remove_low_count,
         reg_covar=reg_covar,
     )
-    backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout)
-    _run(verbose, _train, data_dir, exp_dir, options, estep, mstep, backend_args, stage,
-         overwrite)
+    backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout,
+                    dashboard_address)
+    run = dict(stage=stage, overwrite=overwrite, feature_cache=feature_cache.value, quiet=quiet)
+    _run(verbose, _train, data_dir, exp_dir, options, estep, mstep, backend_args, run)
 
 
-def _train(data_dir, exp_dir, options, estep, mstep, backend_args, stage, overwrite) -> None:
+def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) -> None:
     from emdist.datadir import load_data_dir
     from emdist.engine import TrainConfig, train
     from emdist.estep import EStepOptions
@@ -250,14 +264,28 @@ def _train(data_dir, exp_dir, options, estep, mstep, backend_args, stage, overwr
                          require_labels=not config.global_mode)
     log.info("data %s: %d utterances, %d frames, dim %d", data.path, len(data.utts),
              data.num_frames, data.dim)
+    from emdist.progress import make_progress
+
     backend = _backend(*backend_args)
+    progress = make_progress(run.pop("quiet"))
     try:
         log.info("running on %s", backend.describe())
-        train(data, config, backend, ExpDir(exp_dir), stage=stage, overwrite=overwrite,
-              on_record=_print_record)
+        if backend.dashboard_link():
+            log.info("dashboard: %s", backend.dashboard_link())
+        train(data, config, backend, ExpDir(exp_dir), on_record=_record_printer(progress),
+              progress=progress, **run)
     finally:
         backend.close()
     log.info("wrote %s", Path(exp_dir) / "final.mdl")
+
+
+def _record_printer(progress):
+    def show(record) -> None:
+        if progress is not None and hasattr(progress, "last_loglike"):
+            progress.last_loglike = record.loglike_per_frame
+        _print_record(record)
+
+    return show
 
 
 def _print_record(record) -> None:

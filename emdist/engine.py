@@ -13,11 +13,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
 from emdist.backends.base import Backend, JobsFailed
-from emdist.datadir import DataDir, split_by_frames
+from emdist.datadir import DataDir, parse_rxfilename, split_by_frames
 from emdist.errors import EmdistError, EmdistWarning, RuntimeFailure, UserError
 from emdist.estep import EStepOptions
 from emdist.expdir import ExpDir
@@ -132,29 +133,81 @@ class ConvergenceMonitor:
         return converged
 
 
+class Progress(Protocol):
+    """Receives progress of each pass (the CLI draws a bar or prints lines)."""
+
+    def start(self, title: str, n_jobs: int, n_frames: int) -> None: ...
+
+    def advance(self, n_frames: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, title: str, n_jobs: int, n_frames: int) -> None:
+        pass
+
+    def advance(self, n_frames: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+FEATURE_CACHE_MODES = ("auto", "memory", "none")
+
+
+def cache_mode(requested: str, n_bytes: int, capacity: int) -> str:
+    """``memory`` or ``none``: ``auto`` caches when the features fill at most half of
+    the memory available (Dask spills at 60 % and pauses at 80 % of a worker's limit)."""
+    if requested not in FEATURE_CACHE_MODES:
+        raise UserError(f"--feature-cache must be auto, memory or none, not {requested!r}")
+    if requested != "auto":
+        return requested
+    return "memory" if capacity and n_bytes <= capacity // 2 else "none"
+
+
 class Trainer:
     """Runs passes over the shards with a backend and writes the exp dir as it goes."""
 
     def __init__(self, shards: list[Shard], dim: int, config: TrainConfig, backend: Backend,
-                 exp: ExpDir | None, on_record: Callable[[IterationRecord], None] | None = None):
+                 exp: ExpDir | None, on_record: Callable[[IterationRecord], None] | None = None,
+                 feature_cache: str = "auto", progress: Progress | None = None):
         self.shards = shards
         self.dim = dim
         self.config = config
         self.backend = backend
         self.exp = exp
         self.on_record = on_record
+        self.progress = progress or NoProgress()
+        n_bytes = sum(s.num_frames for s in shards) * dim * 4
+        self.cache_mode = cache_mode(feature_cache, n_bytes, backend.memory_capacity())
+        self._sources: list | None = None
+
+    @property
+    def sources(self) -> list:
+        """What E-step tasks read: the shards, or their cached copies in (worker) memory."""
+        if self._sources is None:
+            cached = self.cache_mode == "memory"
+            self._sources = self.backend.cache(self.shards) if cached else list(self.shards)
+        return self._sources
 
     def e_pass(self, models: Mapping[str, GMM], stage: str, i: int, hard: bool = False,
                options: EStepOptions | None = None) -> StatsMap:
         """Statistics of every model over all shards, summed in shard order."""
         options = options or self.config.estep
         command = f"emdist {stage} pass {i}: acc_shard(model={i}, hard={hard})"
+        frames = [s.num_frames for s in self.shards]
+        self.progress.start(f"{stage} {i}", len(self.shards), sum(frames))
         try:
             stats, reports = self.backend.map_reduce(
-                acc_shard, self.shards, dict(models), options, hard
+                acc_shard, self.sources, dict(models), options, hard,
+                on_done=lambda j: self.progress.advance(frames[j]),
             )
         except JobsFailed as failed:
             raise self._failure(failed, stage, i, command) from None
+        finally:
+            self.progress.finish()
         if self.exp is not None:
             for report in reports:
                 self.exp.write_job_log(stage, i, command, report)
@@ -312,6 +365,8 @@ def train(
     stage: int | None = None,
     overwrite: bool = False,
     on_record: Callable[[IterationRecord], None] | None = None,
+    feature_cache: str = "auto",
+    progress: Progress | None = None,
 ) -> dict[str, GMM]:
     """Train one GMM per label (or one ``global`` GMM) by EM.
 
@@ -330,6 +385,10 @@ def train(
         Replace a run with other options found in ``exp``.
     on_record : callable, optional
         Called with each :class:`IterationRecord`.
+    feature_cache : {"auto", "memory", "none"}
+        Keep shards in (worker) memory across passes, or stream them from disk each pass;
+        ``auto`` caches when they fit in half the memory. Never changes the result.
+    progress : Progress, optional
 
     Returns
     -------
@@ -337,7 +396,10 @@ def train(
     """
     shards = make_shards(data, config.nj, config.global_mode)
     labels = sorted({key for s in shards for key in s.keys})
-    trainer = Trainer(shards, data.dim, config, backend, exp, on_record)
+    trainer = Trainer(shards, data.dim, config, backend, exp, on_record, feature_cache, progress)
+    backend.check_paths(sorted({parse_rxfilename(u.rxfilename)[0] for u in data.utts
+                                if not u.rxfilename.rstrip().endswith("|")}))
+    log.info("feature cache: %s", trainer.cache_mode)
     start, models, records = _resume(trainer, stage, overwrite)
     if models is None:
         t0 = time.time()

@@ -26,15 +26,33 @@ class JobsFailed(Exception):
 
 
 class Backend(Protocol):
-    """Runs shard tasks; results come back in shard order."""
+    """Runs shard tasks; results come back in shard order.
+
+    ``sources`` are shards, or what :meth:`cache` returned for them. ``on_done(i)`` is
+    called as shard ``i`` finishes (for progress only: results never depend on order).
+    """
 
     name: str
 
-    def map(self, func: Callable, sources: Sequence, *args: Any) -> list:
+    def cache(self, shards: Sequence) -> list:
+        """Load shards once and keep them in (worker) memory; returns sources."""
+
+    def memory_capacity(self) -> int:
+        """Memory the cache may use at most twice over, in bytes."""
+
+    def check_paths(self, paths: Sequence[str]) -> None:
+        """Raise if a worker cannot read one of ``paths``."""
+
+    def map(self, func: Callable, sources: Sequence, *args: Any,
+            on_done: Callable[[int], None] | None = None) -> list:
         """``[func(source, *args) for source in sources]``."""
 
-    def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8):
+    def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8,
+                   on_done: Callable[[int], None] | None = None):
         """``tree_sum`` of ``func(source, *args)`` over sources with ``reduce_group``."""
+
+    def dashboard_link(self) -> str | None:
+        """Where to watch the run, if anywhere."""
 
     def close(self) -> None:
         """Release the backend's resources."""

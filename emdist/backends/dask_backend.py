@@ -1,26 +1,44 @@
 """The Dask backend: one task per shard on an embedded LocalCluster or a remote scheduler.
 
-The model is scattered once per call (not embedded in every task); statistics are summed
-on the workers in a tree whose shape follows shard indices only (groups of ``fan_in``
-consecutive shards), so the result is the same bits as the serial backend's on any
-cluster. Worker processes are started with one thread each; tasks also pin BLAS to one
-thread themselves.
+* The model is scattered once per call (broadcast, so losing a worker loses no copy), not
+  embedded in every task.
+* With the feature cache, each shard is read once by a ``load_shard`` task whose result
+  stays in worker memory (``allow_other_workers=True``: a replaced worker's shards are
+  rebuilt from their lineage, i.e. re-read); without it, tasks stream from disk.
+* Statistics are summed on the workers in a tree whose shape follows shard indices only
+  (groups of ``fan_in`` consecutive shards), so the result is the same bits as the serial
+  backend's on any cluster, whatever the order in which tasks finish.
+* Worker processes have one thread each; tasks also pin BLAS to one thread themselves.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distributed import Client, LocalCluster, wait
+from distributed import Client, LocalCluster, as_completed, wait
+from distributed.client import FutureCancelledError
 
 from emdist.backends.base import JobFailure, JobsFailed
 from emdist.errors import RuntimeFailure
-from emdist.tasks import reduce_group
+from emdist.tasks import load_shard, reduce_group
 
 RETRIES = 2
+LOST_DATA_RETRIES = 3
+
+
+def _readable(paths: list[str]) -> list[str]:
+    """Runs on a worker: the paths it cannot read."""
+    return [p for p in paths if not os.access(p, os.R_OK)]
+
+
+def _emdist_version() -> str:
+    import emdist
+
+    return emdist.__version__
 
 
 class DaskBackend:
@@ -41,13 +59,14 @@ class DaskBackend:
         self._call = 0
 
     @classmethod
-    def local(cls, n_workers: int, processes: bool = True) -> DaskBackend:
+    def local(cls, n_workers: int, processes: bool = True,
+              dashboard_address: str | None = None) -> DaskBackend:
         """Start an embedded LocalCluster of ``n_workers`` single-threaded workers."""
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
             processes=processes,
-            dashboard_address=None,
+            dashboard_address=dashboard_address,
             silence_logs=logging.WARNING,
         )
         return cls(Client(cluster), cluster)
@@ -55,7 +74,7 @@ class DaskBackend:
     @classmethod
     def connect(cls, address: str | None = None, scheduler_file: str | None = None,
                 timeout: float = 30.0, n_workers: int = 1) -> DaskBackend:
-        """Attach to a running scheduler and wait for ``n_workers`` workers."""
+        """Attach to a running scheduler, wait for ``n_workers`` workers, check versions."""
         target = address or scheduler_file
         try:
             if scheduler_file:
@@ -63,43 +82,101 @@ class DaskBackend:
             else:
                 client = Client(address, timeout=timeout)
         except (OSError, TimeoutError, ValueError) as exc:
-            raise RuntimeFailure(f"cannot reach the Dask scheduler at {target}: {exc}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RuntimeFailure(f"cannot reach the Dask scheduler at {target}: {reason}") \
+                from None
+        backend = cls(client)
         try:
             client.wait_for_workers(n_workers, timeout=timeout)
+            backend.check_versions()
         except TimeoutError:
-            client.close()
+            backend.close()
             raise RuntimeFailure(
                 f"the scheduler at {target} has fewer than {n_workers} workers after "
                 f"{timeout:g} s; start workers or lower --wait-workers"
             ) from None
-        return cls(client)
+        except BaseException:
+            backend.close()
+            raise
+        return backend
+
+    def check_versions(self) -> None:
+        """Refuse workers whose emdist (or Python packages Dask checks) differ from ours."""
+        try:
+            self.client.get_versions(check=True)
+        except ValueError as exc:
+            raise RuntimeFailure(f"package versions differ across the cluster: {exc}") from None
+        ours = _emdist_version()
+        theirs = self.client.run(_emdist_version)
+        bad = {w: v for w, v in theirs.items() if v != ours}
+        if bad:
+            worker, version = sorted(bad.items())[0]
+            raise RuntimeFailure(
+                f"worker {worker} runs emdist {version}, the driver {ours}; install the same "
+                "version everywhere"
+            )
+
+    def check_paths(self, paths: Sequence[str]) -> None:
+        """Every worker must read every feature file (a shared filesystem, as Kaldi's
+        queue.pl assumes); name the first worker and path that fail."""
+        missing = self.client.run(_readable, sorted(set(paths)))
+        for worker, bad in sorted(missing.items()):
+            if bad:
+                raise RuntimeFailure(
+                    f"worker {worker} cannot read {bad[0]} ({len(bad)} files unreadable); the "
+                    "feature files must be at the same paths on every worker"
+                )
 
     @property
     def n_workers(self) -> int:
         return len(self.client.scheduler_info(n_workers=-1)["workers"])
 
+    def memory_capacity(self) -> int:
+        """Summed ``memory_limit`` of the workers, in bytes."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return int(sum(w.get("memory_limit") or 0 for w in workers))
+
+    def dashboard_link(self) -> str | None:
+        return self.client.dashboard_link if self.cluster is None or \
+            self.cluster.scheduler.http_server is not None else None
+
     def describe(self) -> str:
         kind = "embedded LocalCluster" if self.cluster is not None else "scheduler"
         return f"{kind} {self.client.scheduler.address} with {self.n_workers} workers"
 
-    def _scatter(self, args: Sequence[Any]) -> list:
-        # A list of one item scatters the item whole (a dict would be split by key).
-        return [self.client.scatter([a], hash=False)[0] for a in args]
+    # -- running tasks ----------------------------------------------------------------
+
+    def cache(self, shards: Sequence) -> list:
+        """Load every shard once into worker memory; returns futures to pass as sources."""
+        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        return [
+            self.client.submit(
+                load_shard, shard, key=f"emdist-feats-{shard.index}",
+                workers=[workers[i % len(workers)]] if workers else None,
+                allow_other_workers=True, retries=RETRIES, pure=False,
+            )
+            for i, shard in enumerate(shards)
+        ]
 
     def _submit_all(self, func: Callable, sources: Sequence, args: Sequence) -> list:
         self._call += 1
         name = getattr(func, "__name__", "task")
-        scattered = self._scatter(args)
+        # A list of one item scatters the item whole (a dict would be split by key).
+        scattered = [self.client.scatter([a], hash=False, broadcast=True)[0] for a in args]
         return [
-            self.client.submit(
-                func, source, *scattered, key=f"{name}-{self._call}-{i}", retries=RETRIES,
-                pure=False,
-            )
+            self.client.submit(func, source, *scattered, key=f"{name}-{self._call}-{i}",
+                               retries=RETRIES, pure=False)
             for i, source in enumerate(sources)
         ]
 
-    def _check(self, futures: list) -> None:
-        wait(futures)
+    def _wait(self, futures: list, on_done: Callable[[int], None] | None) -> None:
+        index = {f.key: i for i, f in enumerate(futures)}
+        if on_done is None:
+            wait(futures)
+        else:
+            for fut in as_completed(futures):
+                if fut.status == "finished":
+                    on_done(index[fut.key])
         failures = []
         for i, fut in enumerate(futures):
             if fut.status == "error":
@@ -111,27 +188,46 @@ class DaskBackend:
         if failures:
             raise JobsFailed(failures, len(futures))
 
-    def map(self, func: Callable, sources: Sequence, *args: Any) -> list:
-        futures = self._submit_all(func, sources, args)
-        self._check(futures)
-        return self.client.gather(futures)
+    def _retry_lost(self, run: Callable[[], Any]) -> Any:
+        """Redo a pass whose scattered inputs were lost with a dead worker."""
+        for attempt in range(LOST_DATA_RETRIES + 1):
+            try:
+                return run()
+            except JobsFailed as failed:
+                lost = all(isinstance(f.error, FutureCancelledError) for f in failed.failures)
+                if not lost or attempt == LOST_DATA_RETRIES:
+                    raise
+            except FutureCancelledError:
+                if attempt == LOST_DATA_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
-    def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8):
+    def map(self, func: Callable, sources: Sequence, *args: Any,
+            on_done: Callable[[int], None] | None = None) -> list:
+        def run():
+            futures = self._submit_all(func, sources, args)
+            self._wait(futures, on_done)
+            return self.client.gather(futures)
+
+        return self._retry_lost(run)
+
+    def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8,
+                   on_done: Callable[[int], None] | None = None):
+        return self._retry_lost(lambda: self._map_reduce(func, sources, args, fan_in, on_done))
+
+    def _map_reduce(self, func, sources, args, fan_in, on_done):
         futures = self._submit_all(func, sources, args)
-        level = futures
-        depth = 0
+        level, depth = futures, 0
         while len(level) > 1:
             depth += 1
+            groups = [level[i : i + fan_in] for i in range(0, len(level), fan_in)]
             level = [
-                group[0] if len(group) == 1 else self.client.submit(
-                    reduce_group, *group, key=f"reduce-{self._call}-{depth}-{j}",
-                    retries=RETRIES, pure=False,
-                )
-                for j, group in enumerate(
-                    level[i : i + fan_in] for i in range(0, len(level), fan_in)
-                )
+                g[0] if len(g) == 1 else self.client.submit(
+                    reduce_group, *g, key=f"reduce-{self._call}-{depth}-{j}",
+                    retries=RETRIES, pure=False)
+                for j, g in enumerate(groups)
             ]
-        self._check(futures)
+        self._wait(futures, on_done)
         return level[0].result()
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from emdist.backends.base import JobFailure, JobsFailed
 from emdist.errors import EmdistError
 from emdist.stats import tree_sum
-from emdist.tasks import reduce_group
+from emdist.tasks import load_shard, reduce_group
 
 
 class SerialBackend:
@@ -18,20 +19,39 @@ class SerialBackend:
     name = "serial"
     n_workers = 0
 
-    def map(self, func: Callable, sources: Sequence, *args: Any) -> list:
+    def cache(self, shards: Sequence) -> list:
+        """Read every shard into memory once."""
+        return [load_shard(shard) for shard in shards]
+
+    def memory_capacity(self) -> int:
+        """Physical memory of this machine, in bytes."""
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def check_paths(self, paths: Sequence[str]) -> None:
+        """Nothing to check: the data dir was read in this process."""
+
+    def map(self, func: Callable, sources: Sequence, *args: Any,
+            on_done: Callable[[int], None] | None = None) -> list:
         results, failures = [], []
         for i, source in enumerate(sources):
             try:
                 results.append(func(source, *args))
             except (EmdistError, OSError, ValueError, FloatingPointError) as exc:
                 failures.append(JobFailure(i, exc, traceback.format_exc()))
+                continue
+            if on_done is not None:
+                on_done(i)
         if failures:
             raise JobsFailed(failures, len(sources))
         return results
 
-    def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8):
-        results = self.map(func, sources, *args)
-        return tree_sum(results, add=lambda a, b: reduce_group(a, b), fan_in=fan_in)
+    def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8,
+                   on_done: Callable[[int], None] | None = None):
+        results = self.map(func, sources, *args, on_done=on_done)
+        return tree_sum(results, add=reduce_group, fan_in=fan_in)
+
+    def dashboard_link(self) -> str | None:
+        return None
 
     def close(self) -> None:
         pass

@@ -1,0 +1,134 @@
+"""Small shared helpers for the engine, Dask backend and CLI tests.
+
+Synthetic Kaldi data dirs (real ``feats.ark``/``feats.scp`` written with kaldiio), subsets of
+the bundled digits corpus, and a tiny training configuration that runs in a fraction of a
+second, so the tests can afford to train several times.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import kaldiio
+import numpy as np
+
+from emdist.backends.serial import SerialBackend
+from emdist.corpora import digits_dir
+from emdist.datadir import DataDir, load_data_dir
+from emdist.engine import TrainConfig, train
+from emdist.expdir import ExpDir
+from emdist.gmm import GMM
+
+LABELS = ("a", "b", "c")
+DIM = 4
+SUMMARY_RE = re.compile(r"^%ERR \d+\.\d\d \[ \d+ / \d+ \]$")
+
+
+def write_data_dir(
+    path: Path,
+    *,
+    seed: int = 0,
+    utts_per_label: int = 10,
+    labels: Sequence[str] = LABELS,
+    dim: int = DIM,
+    text: bool = True,
+    spread: float = 1.5,
+    frames: tuple[int, int] = (60, 100),
+) -> Path:
+    """Write a labelled Kaldi data dir of synthetic features into ``path`` and return it.
+
+    Each label's frames come from its own 2-component Gaussian mixture (the mixtures depend
+    only on the label, so dirs written with different ``seed`` share them: a train and a
+    test set). ``spread`` scales the distance between the labels' means; utterances have
+    ``frames[0]`` to ``frames[1] - 1`` frames (short ones are sometimes misrecognised).
+    """
+    rng = np.random.default_rng(seed)
+    centres = {
+        lab: np.random.default_rng(1000 + i).normal(0.0, spread, (2, dim))
+        for i, lab in enumerate(labels)
+    }
+    mats: dict[str, np.ndarray] = {}
+    refs: dict[str, str] = {}
+    for i in range(utts_per_label):
+        for lab in labels:
+            n = int(rng.integers(*frames))
+            comp = rng.integers(0, 2, n)
+            utt_id = f"spk{i:02d}-{lab}"
+            mats[utt_id] = (centres[lab][comp] + rng.normal(size=(n, dim))).astype(np.float32)
+            refs[utt_id] = lab
+    path.mkdir(parents=True, exist_ok=True)
+    ordered = dict(sorted(mats.items()))  # Kaldi tables are sorted by utterance id
+    kaldiio.save_ark(str(path / "feats.ark"), ordered, scp=str(path / "feats.scp"))
+    if text:
+        (path / "text").write_text("".join(f"{u} {refs[u]}\n" for u in ordered))
+    return path
+
+
+def digits_subset(path: Path, split: str, per_label: int) -> Path:
+    """A data dir of the first ``per_label`` utterances of each digit of the bundled corpus.
+
+    ``feats.scp`` points at the bundled ark with absolute paths; ids stay sorted.
+    """
+    src = digits_dir(split)
+    labels = dict(line.split() for line in (src / "text").read_text().splitlines())
+    counts: dict[str, int] = {}
+    scp_lines, text_lines = [], []
+    for line in (src / "feats.scp").read_text().splitlines():
+        utt_id, rx = line.split()
+        lab = labels[utt_id]
+        if counts.get(lab, 0) >= per_label:
+            continue
+        counts[lab] = counts.get(lab, 0) + 1
+        ark, offset = rx.rsplit(":", 1)
+        scp_lines.append(f"{utt_id} {(src.parent / ark).resolve()}:{offset}\n")
+        text_lines.append(f"{utt_id} {lab}\n")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "feats.scp").write_text("".join(scp_lines))
+    (path / "text").write_text("".join(text_lines))
+    return path
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """A configuration small enough to train in well under a second on a synthetic dir."""
+    options = dict(
+        num_gauss=2, covariance_type="diag", num_iters=3, kmeans_iters=2, nj=3, seed=0
+    )
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def train_tiny(data: DataDir, exp_dir: Path, backend=None, **overrides) -> dict[str, GMM]:
+    """Train ``tiny_config(**overrides)`` into ``exp_dir`` (serial unless a backend is given)."""
+    return train(data, tiny_config(**overrides), backend or SerialBackend(), ExpDir(exp_dir))
+
+
+def copy_exp(src: Path, dst: Path) -> Path:
+    """A copy of a finished exp dir, to resume or restart without touching the original."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def model_bytes(exp_dir: Path, name: str | int = "final") -> bytes:
+    return (Path(exp_dir) / f"{name}.mdl").read_bytes()
+
+
+def emdist_command() -> list[str]:
+    """The ``emdist`` console script next to this interpreter (or ``python -m emdist.cli``)."""
+    script = shutil.which("emdist", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "emdist.cli"]
+
+
+def assert_models_close(a: dict[str, GMM], b: dict[str, GMM], rtol: float, atol: float):
+    assert sorted(a) == sorted(b)
+    for label in a:
+        assert a[label].n_components == b[label].n_components, label
+        for name in ("weights", "means", "covariances"):
+            np.testing.assert_allclose(
+                getattr(a[label], name), getattr(b[label], name), rtol=rtol, atol=atol,
+                err_msg=f"{label}.{name}",
+            )
