@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Security
 
     cluster_cls = getattr(dask_jobqueue, SYSTEMS[args.system])
+    submit = cluster_cls.job_cls.submit_command
+    if not args.dry_run and shutil.which(submit) is None:
+        sys.exit(f"{submit} not found on PATH: run this on a {args.system} submit host")
 
     scheduler_options = dict(
         dask.config.get(f"jobqueue.{args.system}.scheduler-options", None) or {}

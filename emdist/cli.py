@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -110,7 +111,7 @@ def _run(verbose: bool, func, *args, **kwargs):
         return func(*args, **kwargs)
     except EmdistError as exc:
         if verbose:
-            raise
+            traceback.print_exc()
         typer.echo(f"emdist: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
@@ -118,7 +119,7 @@ def _run(verbose: bool, func, *args, **kwargs):
         raise typer.Exit(130) from None
     except Exception as exc:  # an unexpected failure: one line unless --verbose
         if verbose:
-            raise
+            traceback.print_exc()
         typer.echo(
             f"emdist: error: {type(exc).__name__}: {exc} (run with --verbose for a traceback)",
             err=True,
@@ -126,22 +127,27 @@ def _run(verbose: bool, func, *args, **kwargs):
         raise typer.Exit(1) from None
 
 
-def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | None,
-             wait_workers: int, wait_timeout: float, dashboard_address: str | None = None):
+def _check_backend_args(workers: int | None, scheduler: str | None,
+                        scheduler_file: Path | None, *_) -> None:
+    """Refuse contradictory cluster options before any work is done."""
     from emdist.errors import UserError
 
     if scheduler and scheduler_file:
         raise UserError("--scheduler and --scheduler-file are exclusive; give one")
     if (scheduler or scheduler_file) and workers is not None:
         raise UserError("--workers starts a local cluster; it cannot go with --scheduler")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be 0 (in process) or more, not {workers}")
+
+
+def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | None,
+             wait_workers: int, wait_timeout: float, dashboard_address: str | None = None):
     if scheduler or scheduler_file:
         from emdist.backends.dask_backend import DaskBackend
 
         return DaskBackend.connect(scheduler, str(scheduler_file) if scheduler_file else None,
                                    timeout=wait_timeout, n_workers=wait_workers)
     n = _default_workers() if workers is None else workers
-    if n < 0:
-        raise UserError(f"--workers must be 0 (in process) or more, not {n}")
     if n == 0:
         from emdist.backends.serial import SerialBackend
 
@@ -189,11 +195,11 @@ def train(
     scheduler_file: SchedulerFile = None,
     wait_workers: WaitWorkers = 1,
     wait_timeout: WaitTimeout = 60.0,
-    num_gauss: Annotated[int, typer.Option(help="Gaussians per model.")] = 8,
+    num_gauss: Annotated[int, typer.Option(help="Gaussians per model.")] = 4,
     cov: Annotated[Cov, typer.Option(help="Covariance type.")] = Cov.full,
     num_iters: Annotated[int, typer.Option(help="Maximum EM iterations.")] = 10,
-    init: Annotated[Init, typer.Option(help="k-means++ and Lloyd, or Kaldi-style mix-up.")]
-    = Init.kmeans,
+    init: Annotated[Init, typer.Option(help="Kaldi-style mix-up, or k-means++ and Lloyd.")]
+    = Init.mixup,
     nj: Nj = 8,
     global_: Annotated[bool, typer.Option("--global", help="One GMM over all frames (a UBM); "
                                           "no text needed.")] = False,
@@ -206,8 +212,8 @@ def train(
     perturb_factor: Annotated[float, typer.Option(help="Mix-up mean perturbation, in σ.")] = 0.1,
     precision: Annotated[Precision, typer.Option(help="Precision of the E-step products "
                                                  "(statistics are always float64).")]
-    = Precision.float64,
-    chunk_size: Annotated[int, typer.Option(help="Frames per E-step product.")] = 2048,
+    = Precision.float32,
+    chunk_size: Annotated[int, typer.Option(help="Frames per E-step product.")] = 1024,
     mstep_style: Annotated[Style, typer.Option(help="Kaldi's guards, or scikit-learn's "
                                                "reg_covar with no removal.")] = Style.kaldi,
     min_variance: Annotated[float, typer.Option(help="Variance floor (diag).")] = 1e-3,
@@ -259,6 +265,7 @@ def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) ->
     from emdist.expdir import ExpDir
     from emdist.mstep import MStepOptions
 
+    _check_backend_args(*backend_args)
     config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
     data = load_data_dir(data_dir or _default_data("train"),
                          require_labels=not config.global_mode)
@@ -324,6 +331,7 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
     from emdist.modelio import load_models
     from emdist.recognizer import evaluate, write_results
 
+    _check_backend_args(*backend_args)
     models = load_models(Path(exp_dir) / model)
     data = load_data_dir(data_dir or _default_data("test"), require_labels=True)
     backend = _backend(*backend_args)

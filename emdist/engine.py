@@ -42,10 +42,10 @@ class TrainConfig:
     The number of workers and the backend are not here: they never change the result.
     """
 
-    num_gauss: int = 8
+    num_gauss: int = 4
     covariance_type: str = "full"
     num_iters: int = 10
-    init: str = "kmeans"
+    init: str = "mixup"
     nj: int = 8
     global_mode: bool = False
     seed: int = 0
@@ -54,7 +54,7 @@ class TrainConfig:
     mixup_iters: int = 2
     perturb_factor: float = 0.1
     max_sample_frames: int = 200_000
-    estep: EStepOptions = field(default_factory=EStepOptions)
+    estep: EStepOptions = field(default_factory=lambda: EStepOptions(dtype="float32"))
     mstep: MStepOptions = field(default_factory=MStepOptions)
 
     def __post_init__(self) -> None:
@@ -275,8 +275,13 @@ def frame_sample(trainer: Trainer, labels: list[str]) -> dict[str, np.ndarray]:
             totals[key] = totals.get(key, 0) + utt.num_frames
         starts_per_shard.append(tuple(starts))
     stride = max(1, math.ceil(max(totals.values()) / trainer.config.max_sample_frames))
-    samples = trainer.backend.map(_sample_task, list(zip(trainer.shards, starts_per_shard)),
-                                  stride)
+    try:
+        samples = trainer.backend.map(
+            _sample_task, list(zip(trainer.shards, starts_per_shard)), stride
+        )
+    except JobsFailed as failed:
+        raise trainer._failure(failed, "init", 0, f"emdist init pass 0: sample every "
+                               f"{stride}th frame") from None
     merged: dict[str, list[np.ndarray]] = {}
     for sample in samples:
         for key, frames in sample.items():
@@ -334,10 +339,13 @@ def init_mixup(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
     stats = trainer.e_pass(one, "init", 1)
     models, reports = trainer.update(one, stats)
     rngs = {lab: label_rng(cfg.seed, lab, "mixup") for lab in labels}
+    growing = {lab for lab, m in models.items() if m.n_components < cfg.num_gauss}
     p = 1
-    while min(m.n_components for m in models.values()) < cfg.num_gauss:
+    while growing:
+        before = {lab: models[lab].n_components for lab in growing}
         models = {
             lab: split(m, min(2 * m.n_components, cfg.num_gauss), cfg.perturb_factor, rngs[lab])
+            if lab in growing else m
             for lab, m in models.items()
         }
         for _ in range(max(cfg.mixup_iters, 1)):
@@ -345,8 +353,13 @@ def init_mixup(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
             stats = trainer.e_pass(models, "init", p)
             models, reports = trainer.update(models, stats)
             trainer.write_update_log(f"init.{p}.log", "mix-up EM pass", stats, reports)
-        if all(r.removed for r in reports.values()):
-            break
+        for lab in sorted(growing):
+            k = models[lab].n_components
+            if k <= before[lab]:  # the new Gaussians were starved and removed
+                log.warning("model %s: stays at %d Gaussians; the others lack occupancy "
+                            "(--min-gaussian-occupancy)", lab, k)
+        growing = {lab for lab in growing
+                   if before[lab] < models[lab].n_components < cfg.num_gauss}
     return models
 
 

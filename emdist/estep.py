@@ -23,7 +23,7 @@ import numpy as np
 from emdist.gmm import GMM, Kernel, expand_features, log_sum_exp_rows, packed_indices
 from emdist.stats import GmmStats
 
-DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,16 @@ class Accumulator:
         self.hard = hard
         self.chunk_size = chunk_size
         k, width = kernel.n_components, kernel.weight_matrix.shape[0]
+        self._centre = bool(np.any(kernel.shift))
+        self._shift = kernel.shift.astype(kernel.dtype)
         self._buffer = np.empty((chunk_size, dim), dtype=kernel.dtype)
-        self._expanded = np.empty((chunk_size, width), dtype=kernel.dtype)
+        # Rows [1, expand(x)]: the 1 picks up gconst in the first product and, scaled by
+        # 1/Σ_k exp(L - max), turns into the zeroth-order statistics in the second.
+        self._expanded = np.empty((chunk_size, 1 + width), dtype=kernel.dtype)
+        self._expanded[:, 0] = 1.0
         self._log_like = np.empty((chunk_size, k), dtype=kernel.dtype)
         self._fill = 0
-        self._zeroth = np.zeros(k)
-        self._moments = np.zeros((k, width))
+        self._moments = np.zeros((k, 1 + width))
         self._loglike = 0.0
         self._frames = 0
 
@@ -97,27 +101,54 @@ class Accumulator:
         """Process what is buffered and return the statistics (uncentred, float64)."""
         if self._fill:
             self._process(self._fill)
-        return _uncentre(
-            self._zeroth, self._moments, self.kernel, self._loglike, self._frames
-        )
+        m = self._moments
+        return _uncentre(m[:, 0], m[:, 1:], self.kernel, self._loglike, self._frames)
 
     def _process(self, n: int) -> None:
         x = self._buffer[:n]
-        x -= self.kernel.shift.astype(x.dtype)
-        expanded = expand_features(x, self.kernel.covariance_type, out=self._expanded[:n])
-        log_like = self.kernel.component_log_likelihood(expanded, out=self._log_like[:n])
+        if self._centre:
+            x -= self._shift
+        rows = self._expanded[:n]
+        rows[:, 0] = 1.0
+        expand_features(x, self.kernel.covariance_type, out=rows[:, 1:])
+        log_like = np.matmul(rows, self.kernel.augmented, out=self._log_like[:n])
         if self.hard:
             best = log_like.argmax(axis=1)
             self._loglike += float(log_like[np.arange(n), best].sum(dtype=np.float64))
             resp = np.zeros_like(log_like)
             resp[np.arange(n), best] = 1.0
         else:
-            resp, frame_ll = posteriors_in_place(log_like)
+            resp, norm, frame_ll = unnormalised_posteriors(log_like)
             self._loglike += float(frame_ll.sum())
-        self._zeroth += resp.sum(axis=0, dtype=np.float64)
-        self._moments += resp.T @ expanded
+            rows *= norm[:, None]  # γ = exp(L - max) / Σ: scale the (narrower) rows instead
+        self._moments += resp.T @ rows
         self._frames += n
         self._fill = 0
+
+
+def unnormalised_posteriors(log_like: np.ndarray):
+    """``exp(L - max)`` in place, with the per-row normaliser and log-likelihood.
+
+    Returns
+    -------
+    weights : ndarray of shape (N, K)
+        The same buffer, now ``exp(L - max_k L)``; posteriors are ``weights * norm``.
+    norm : ndarray of shape (N,)
+        ``1 / Σ_k exp(L - max_k L)``.
+    frame_ll : ndarray of shape (N,), float64
+        ``logsumexp`` of each row: the frame's log-likelihood.
+    """
+    top = log_like.max(axis=1, keepdims=True)
+    if not np.all(np.isfinite(top)):
+        raise FloatingPointError(
+            "non-finite log-likelihood: NaN or inf in the features or the model"
+        )
+    log_like -= top
+    with np.errstate(under="ignore"):
+        np.exp(log_like, out=log_like)
+    total = log_like.sum(axis=1)
+    frame_ll = top[:, 0].astype(np.float64) + np.log(total.astype(np.float64))
+    return log_like, 1.0 / total, frame_ll
 
 
 def posteriors_in_place(log_like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,8 @@ class ExpDir:
             self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
+        for stale in [*self.path.glob(".*.tmp"), *self.log_dir.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)  # left by a killed run; never under a final name
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def clear(self) -> None:

@@ -121,8 +121,10 @@ def expand_features(frames: np.ndarray, covariance_type: str, out: np.ndarray | 
     if covariance_type == "diag":
         np.multiply(frames, frames, out=out[:, d:])
     else:
-        rows, cols = packed_indices(d)
-        np.multiply(frames[:, rows], frames[:, cols], out=out[:, d:])
+        pos = d
+        for i in range(d):  # D broadcast products of (N, 1) by (N, D - i): row i of vech
+            np.multiply(frames[:, i : i + 1], frames[:, i:], out=out[:, pos : pos + d - i])
+            pos += d - i
     return out
 
 
@@ -157,6 +159,15 @@ class Kernel:
     gconst: np.ndarray
     shift: np.ndarray
     covariance_type: str
+
+    @property
+    def augmented(self) -> np.ndarray:
+        """``[gconst; W]``, shape (1 + E, K): log-likelihoods of ``[1, expanded]`` rows."""
+        aug = self.__dict__.get("_augmented")
+        if aug is None:
+            aug = np.ascontiguousarray(np.vstack([self.gconst[None, :], self.weight_matrix]))
+            object.__setattr__(self, "_augmented", aug)
+        return aug
 
     @classmethod
     def from_gmm(cls, gmm: GMM, dtype=np.float64, shift: np.ndarray | None = None) -> Kernel:

@@ -19,7 +19,7 @@ import numpy as np
 
 from emdist.backends.serial import SerialBackend
 from emdist.corpora import digits_dir
-from emdist.datadir import DataDir, load_data_dir
+from emdist.datadir import DataDir
 from emdist.engine import TrainConfig, train
 from emdist.expdir import ExpDir
 from emdist.gmm import GMM
@@ -96,15 +96,29 @@ def digits_subset(path: Path, split: str, per_label: int) -> Path:
 def tiny_config(**overrides) -> TrainConfig:
     """A configuration small enough to train in well under a second on a synthetic dir."""
     options = dict(
-        num_gauss=2, covariance_type="diag", num_iters=3, kmeans_iters=2, nj=3, seed=0
+        num_gauss=2,
+        covariance_type="diag",
+        num_iters=3,
+        init="kmeans",
+        kmeans_iters=2,
+        nj=3,
+        seed=0,
     )
     options.update(overrides)
     return TrainConfig(**options)
 
 
-def train_tiny(data: DataDir, exp_dir: Path, backend=None, **overrides) -> dict[str, GMM]:
+def train_tiny(
+    data: DataDir, exp_dir: Path, backend=None, feature_cache: str = "auto", **overrides
+) -> dict[str, GMM]:
     """Train ``tiny_config(**overrides)`` into ``exp_dir`` (serial unless a backend is given)."""
-    return train(data, tiny_config(**overrides), backend or SerialBackend(), ExpDir(exp_dir))
+    return train(
+        data,
+        tiny_config(**overrides),
+        backend or SerialBackend(),
+        ExpDir(exp_dir),
+        feature_cache=feature_cache,
+    )
 
 
 def copy_exp(src: Path, dst: Path) -> Path:
@@ -129,6 +143,9 @@ def assert_models_close(a: dict[str, GMM], b: dict[str, GMM], rtol: float, atol:
         assert a[label].n_components == b[label].n_components, label
         for name in ("weights", "means", "covariances"):
             np.testing.assert_allclose(
-                getattr(a[label], name), getattr(b[label], name), rtol=rtol, atol=atol,
+                getattr(a[label], name),
+                getattr(b[label], name),
+                rtol=rtol,
+                atol=atol,
                 err_msg=f"{label}.{name}",
             )

@@ -290,6 +290,46 @@ def test_tls_cluster_accepts_certs_and_refuses_others(tmp_path, procs):
     assert sched.poll() is None, procs.logs()
 
 
+@needs_openssl
+@pytest.mark.timeout(90)
+def test_emdist_train_over_tls_with_dask_config(tmp_path, procs):
+    """The README's TLS recipe with the real driver: DASK_CONFIG=dask-tls.yaml."""
+    emdist = shutil.which("emdist", path=str(Path(sys.executable).parent))
+    data = ROOT / "emdist" / "corpora" / "digits" / "train"
+    if emdist is None or not (data / "feats.scp").exists():
+        pytest.skip("emdist CLI or the bundled digits corpus not installed here")
+    certs = make_certs(tmp_path / "certs")
+    config = render_tls_template(certs, tmp_path / "dask-tls.yaml")
+    sched_file = tmp_path / "scheduler.json"
+    tls_flags = ["--tls-ca-file", certs / "ca.pem", "--tls-cert", certs / "node.pem",
+                 "--tls-key", certs / "node.key"]
+    sched = procs.start(
+        [DASK, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", sched_file, *tls_flags],
+        "scheduler", env=base_env())
+    address = wait_for_scheduler_file(sched_file, procs, sched)
+    procs.start([DASK, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                 "--memory-limit", "4GiB", "--host", "127.0.0.1",
+                 "--local-directory", tmp_path / "w", *tls_flags],
+                "worker", env=base_env())
+
+    cmd = [emdist, "train", data, tmp_path / "exp", "--scheduler", address,
+           "--wait-workers", "2", "--num-gauss", "2", "--num-iters", "1", "--nj", "2"]
+    run = subprocess.run([str(c) for c in cmd], env=base_env(DASK_CONFIG=config),
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:] + procs.logs()
+    assert (tmp_path / "exp" / "final.mdl").exists()
+
+    t0 = time.monotonic()
+    no_certs = [emdist, "train", data, tmp_path / "exp2", "--scheduler", address,
+                "--wait-timeout", "5"]
+    refused = subprocess.run([str(c) for c in no_certs],
+                             env=base_env(), capture_output=True, text=True, timeout=40,
+                             cwd=tmp_path)
+    assert refused.returncode != 0
+    assert time.monotonic() - t0 < 30
+
+
 # -------------------------------------------------------- (ii) config files render
 
 
@@ -389,8 +429,11 @@ def test_start_jobqueue_dry_run_and_thread_guard(tmp_path):
 
 FAKE_SUBMIT = """\
     #!/bin/bash
-    # fake {submit}: run the job script with bash in its own session
-    setsid bash "${{@: -1}}" >> "$FAKE_JOBS/jobs.log" 2>&1 < /dev/null &
+    # fake {submit}: copy the job script (the caller deletes it), run it with bash
+    # in its own session
+    script=$(mktemp "$FAKE_JOBS/job.XXXXXX")
+    cp "${{@: -1}}" "$script"
+    setsid bash "$script" >> "$FAKE_JOBS/jobs.log" 2>&1 < /dev/null &
     echo "$!" >> "$FAKE_JOBS/pgids"
     echo "{message}"
 """
@@ -455,7 +498,7 @@ def test_start_jobqueue_runs_workers_from_rendered_job_script(tmp_path, procs, s
             info = worker_info(client)
             assert [w["nthreads"] for w in info.values()] == [1, 1]
             assert all(w["memory_limit"] == 2**30 for w in info.values())
-            assert all(a.startswith(("tls://127.0.0.1:" if tls else "tcp://127.0.0.1:"))
+            assert all(a.startswith("tls://127.0.0.1:" if tls else "tcp://127.0.0.1:")
                        for a in info)
             assert client.submit(sum, [1, 2]).result() == 3
     finally:

@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,16 +59,22 @@ class DaskBackend:
         self.client = client
         self.cluster = cluster
         self._call = 0
+        # Keys are global to a scheduler: a token keeps two runs sharing one apart.
+        self._token = uuid.uuid4().hex[:12]
 
     @classmethod
     def local(cls, n_workers: int, processes: bool = True,
               dashboard_address: str | None = None) -> DaskBackend:
-        """Start an embedded LocalCluster of ``n_workers`` single-threaded workers."""
+        """Start an embedded LocalCluster of ``n_workers`` single-threaded workers.
+
+        The scheduler's HTTP server binds to a free port on localhost unless
+        ``dashboard_address`` says otherwise.
+        """
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
             processes=processes,
-            dashboard_address=dashboard_address,
+            dashboard_address=dashboard_address or "127.0.0.1:0",
             silence_logs=logging.WARNING,
         )
         return cls(Client(cluster), cluster)
@@ -85,6 +93,11 @@ class DaskBackend:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RuntimeFailure(f"cannot reach the Dask scheduler at {target}: {reason}") \
                 from None
+        except TypeError as exc:  # tls:// without certificates in the Dask config
+            raise RuntimeFailure(
+                f"cannot connect to {target}: {exc}; set the TLS certificates in the Dask "
+                "config (distributed.comm.tls.*, see cluster/README.md)"
+            ) from None
         backend = cls(client)
         try:
             client.wait_for_workers(n_workers, timeout=timeout)
@@ -137,8 +150,10 @@ class DaskBackend:
         return int(sum(w.get("memory_limit") or 0 for w in workers))
 
     def dashboard_link(self) -> str | None:
-        return self.client.dashboard_link if self.cluster is None or \
-            self.cluster.scheduler.http_server is not None else None
+        """The dashboard's address, when the dashboard can be served (needs bokeh)."""
+        if importlib.util.find_spec("bokeh") is None and self.cluster is not None:
+            return None
+        return self.client.dashboard_link
 
     def describe(self) -> str:
         kind = "embedded LocalCluster" if self.cluster is not None else "scheduler"
@@ -151,7 +166,7 @@ class DaskBackend:
         workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
         return [
             self.client.submit(
-                load_shard, shard, key=f"emdist-feats-{shard.index}",
+                load_shard, shard, key=f"emdist-feats-{self._token}-{shard.index}",
                 workers=[workers[i % len(workers)]] if workers else None,
                 allow_other_workers=True, retries=RETRIES, pure=False,
             )
@@ -164,7 +179,7 @@ class DaskBackend:
         # A list of one item scatters the item whole (a dict would be split by key).
         scattered = [self.client.scatter([a], hash=False, broadcast=True)[0] for a in args]
         return [
-            self.client.submit(func, source, *scattered, key=f"{name}-{self._call}-{i}",
+            self.client.submit(func, source, *scattered, key=f"{name}-{self._token}-{self._call}-{i}",
                                retries=RETRIES, pure=False)
             for i, source in enumerate(sources)
         ]
@@ -223,7 +238,7 @@ class DaskBackend:
             groups = [level[i : i + fan_in] for i in range(0, len(level), fan_in)]
             level = [
                 g[0] if len(g) == 1 else self.client.submit(
-                    reduce_group, *g, key=f"reduce-{self._call}-{depth}-{j}",
+                    reduce_group, *g, key=f"reduce-{self._token}-{self._call}-{depth}-{j}",
                     retries=RETRIES, pure=False)
                 for j, g in enumerate(groups)
             ]

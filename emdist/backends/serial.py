@@ -21,7 +21,7 @@ class SerialBackend:
 
     def cache(self, shards: Sequence) -> list:
         """Read every shard into memory once."""
-        return [load_shard(shard) for shard in shards]
+        return self.map(load_shard, shards)
 
     def memory_capacity(self) -> int:
         """Physical memory of this machine, in bytes."""

@@ -1,0 +1,222 @@
+"""Cluster-grade runs: remote schedulers, worker and driver kills, determinism across
+workers and cache modes. Real processes on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from emdist.backends.dask_backend import DaskBackend
+from emdist.backends.serial import SerialBackend
+from emdist.datadir import load_data_dir
+from emdist.engine import TrainConfig, train
+from emdist.expdir import ExpDir
+
+from helpers import digits_subset
+
+BIN = Path(sys.executable).parent
+DASK = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
+EMDIST = shutil.which("emdist", path=str(BIN)) or shutil.which("emdist")
+CONFIG = TrainConfig(num_gauss=3, covariance_type="diag", num_iters=3, nj=5, init="kmeans",
+                     kmeans_iters=2)
+TRAIN_OPTS = ["--num-gauss", "3", "--cov", "diag", "--num-iters", "3", "--nj", "5",
+              "--init", "kmeans", "--kmeans-iters", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> Path:
+    return digits_subset(tmp_path_factory.mktemp("data") / "train", "train", 4)
+
+
+@pytest.fixture(scope="module")
+def serial_bytes(subset, tmp_path_factory) -> bytes:
+    exp = ExpDir(tmp_path_factory.mktemp("serial") / "exp")
+    train(load_data_dir(subset), CONFIG, SerialBackend(), exp)
+    return exp.final.read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _emdist(*args, timeout=240, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([EMDIST, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+@pytest.fixture()
+def remote_cluster(tmp_path):
+    """``dask scheduler`` and two ``dask worker`` processes on loopback."""
+    sched_file = tmp_path / "scheduler.json"
+    port = _free_port()
+    common = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                  stdin=subprocess.DEVNULL, start_new_session=True)
+    procs = [subprocess.Popen(
+        [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)], **common)]
+    try:
+        for name in ("w1", "w2"):
+            procs.append(subprocess.Popen(
+                [DASK, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                 "--name", name, "--host", "127.0.0.1", "--no-dashboard"], **common))
+        yield f"tcp://127.0.0.1:{port}", sched_file
+    finally:
+        _stop(procs)
+
+
+@pytest.mark.timeout(240)
+def test_remote_scheduler_gives_the_embedded_cluster_bytes(subset, serial_bytes, tmp_path,
+                                                           remote_cluster):
+    address, sched_file = remote_cluster
+    remote = _emdist("train", subset, tmp_path / "remote", "--scheduler", address,
+                     "--wait-workers", "2", "--wait-timeout", "60", *TRAIN_OPTS)
+    assert remote.returncode == 0, remote.stderr
+    by_file = _emdist("train", subset, tmp_path / "file", "--scheduler-file", sched_file,
+                      "--wait-workers", "2", *TRAIN_OPTS)
+    assert by_file.returncode == 0, by_file.stderr
+    local = _emdist("train", subset, tmp_path / "local", "--workers", "2", *TRAIN_OPTS)
+    assert local.returncode == 0, local.stderr
+    final = (tmp_path / "local" / "final.mdl").read_bytes()
+    assert (tmp_path / "remote" / "final.mdl").read_bytes() == final
+    assert (tmp_path / "file" / "final.mdl").read_bytes() == final
+    assert final == serial_bytes
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_scheduler_fails_cleanly_in_bounded_time(subset, tmp_path):
+    port = _free_port()  # nothing listens there
+    t0 = time.monotonic()
+    res = _emdist("train", subset, tmp_path / "exp", "--scheduler", f"tcp://127.0.0.1:{port}",
+                  "--wait-timeout", "3", timeout=50)
+    assert time.monotonic() - t0 < 40
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("emdist: error:")]
+    assert len(errors) == 1 and "cannot reach the Dask scheduler" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "exp" / "final.mdl").exists()
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_and_workers_options_are_exclusive(subset, tmp_path):
+    res = _emdist("train", subset, tmp_path / "exp", "--scheduler", "tcp://127.0.0.1:1",
+                  "--workers", "2")
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_bytes_equal_across_worker_counts_and_cache_modes(subset, serial_bytes, tmp_path,
+                                                          n_workers):
+    backend = DaskBackend.local(n_workers, processes=False)
+    try:
+        for cache in ("memory", "none"):
+            exp = ExpDir(tmp_path / f"{cache}")
+            train(load_data_dir(subset), CONFIG, backend, exp, feature_cache=cache)
+            assert exp.final.read_bytes() == serial_bytes, cache
+    finally:
+        backend.close()
+
+
+class KillOnce:
+    """A progress sink that SIGKILLs a worker process once a pass of ``stage`` is under way."""
+
+    def __init__(self, pid: int, stage: str) -> None:
+        self.pid, self.stage, self.killed, self._title = pid, stage, False, ""
+
+    def start(self, title: str, n_jobs: int, n_frames: int) -> None:
+        self._title = title
+
+    def advance(self, n_frames: int) -> None:
+        if not self.killed and self._title == self.stage:
+            os.kill(self.pid, signal.SIGKILL)
+            self.killed = True
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(240)
+def test_worker_killed_mid_iteration_costs_time_not_results(subset, serial_bytes, tmp_path):
+    backend = DaskBackend.local(2, processes=True)
+    try:
+        pids = sorted(backend.client.run(os.getpid).values())
+        killer = KillOnce(pids[0], "acc 1")
+        exp = ExpDir(tmp_path / "exp")
+        train(load_data_dir(subset), CONFIG, backend, exp, feature_cache="memory",
+              progress=killer)
+        assert killer.killed
+        assert exp.final.read_bytes() == serial_bytes
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(300)
+def test_driver_killed_then_rerun_resumes_to_the_same_bytes(tmp_path):
+    data = digits_subset(tmp_path / "data", "train", 8)
+    opts = ["--workers", "0", "--num-gauss", "3", "--cov", "diag", "--num-iters", "40",
+            "--nj", "4", "--init", "kmeans", "--kmeans-iters", "2", "--quiet"]
+    whole = _emdist("train", data, tmp_path / "whole", *opts)
+    assert whole.returncode == 0, whole.stderr
+    exp = tmp_path / "killed"
+    proc = subprocess.Popen([EMDIST, "train", str(data), str(exp), *opts],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (exp / "3.mdl").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert (exp / "3.mdl").exists() and not (exp / "final.mdl").exists(), "kill came too late"
+    resumed = _emdist("train", data, exp, *opts[:-1])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert (exp / "final.mdl").read_bytes() == (tmp_path / "whole" / "final.mdl").read_bytes()
+    # a temporary file left by the kill is swept; no half-written model stays behind
+    assert not list(exp.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(120)
+def test_changed_options_are_refused_unless_overwrite(subset, tmp_path):
+    exp = tmp_path / "exp"
+    assert _emdist("train", subset, exp, "--workers", "0", *TRAIN_OPTS).returncode == 0
+    other = _emdist("train", subset, exp, "--workers", "0", *TRAIN_OPTS, "--seed", "1")
+    assert other.returncode == 2
+    assert "other training options" in other.stderr and "seed" in other.stderr
+    forced = _emdist("train", subset, exp, "--workers", "0", *TRAIN_OPTS, "--seed", "1",
+                     "--overwrite")
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.mark.timeout(120)
+def test_stage_restarts_from_a_model_and_recomputes_the_same_bytes(subset, tmp_path):
+    exp = tmp_path / "exp"
+    assert _emdist("train", subset, exp, "--workers", "0", *TRAIN_OPTS).returncode == 0
+    final = (exp / "final.mdl").read_bytes()
+    again = _emdist("train", subset, exp, "--workers", "0", *TRAIN_OPTS, "--stage", "1")
+    assert again.returncode == 0, again.stderr
+    assert (exp / "final.mdl").read_bytes() == final
