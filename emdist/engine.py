@@ -270,14 +270,14 @@ def frame_sample(trainer: Trainer, labels: list[str]) -> dict[str, np.ndarray]:
     starts_per_shard = []
     for shard in trainer.shards:
         starts = []
-        for utt, key in zip(shard.utts, shard.keys):
+        for utt, key in zip(shard.utts, shard.keys, strict=True):
             starts.append(totals.get(key, 0))
             totals[key] = totals.get(key, 0) + utt.num_frames
         starts_per_shard.append(tuple(starts))
     stride = max(1, math.ceil(max(totals.values()) / trainer.config.max_sample_frames))
     try:
         samples = trainer.backend.map(
-            _sample_task, list(zip(trainer.shards, starts_per_shard)), stride
+            _sample_task, list(zip(trainer.shards, starts_per_shard, strict=True)), stride
         )
     except JobsFailed as failed:
         raise trainer._failure(failed, "init", 0, f"emdist init pass 0: sample every "
@@ -317,7 +317,8 @@ def init_kmeans(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
             moved = s.first / np.maximum(s.zeroth, 1.0)[:, None]
             centres[label] = np.where(s.zeroth[:, None] > 0, moved, centres[label])
         log.info("k-means pass %d: distortion per frame %.4f", p, -2.0 * per_frame(stats)[0])
-    new, reports = trainer.update(models, stats, replace(cfg.mstep, remove_low_count_gaussians=True))
+    removing = replace(cfg.mstep, remove_low_count_gaussians=True)
+    new, reports = trainer.update(models, stats, removing)
     trainer.write_update_log(f"init.{p}.log", "initial model from k-means", stats, reports)
     return _without_previous_starved(new, reports)
 

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdist.gmm import GMM, Kernel, expand_features, log_sum_exp_rows, packed_indices
+from emdist.gmm import (
+    GMM,
+    Kernel,
+    check_finite,
+    expand_features,
+    log_sum_exp_rows,
+    packed_indices,
+)
 from emdist.stats import GmmStats
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -113,6 +120,7 @@ class Accumulator:
         expand_features(x, self.kernel.covariance_type, out=rows[:, 1:])
         log_like = np.matmul(rows, self.kernel.augmented, out=self._log_like[:n])
         if self.hard:
+            check_finite(log_like.max(axis=1))
             best = log_like.argmax(axis=1)
             self._loglike += float(log_like[np.arange(n), best].sum(dtype=np.float64))
             resp = np.zeros_like(log_like)
@@ -139,10 +147,7 @@ def unnormalised_posteriors(log_like: np.ndarray):
         ``logsumexp`` of each row: the frame's log-likelihood.
     """
     top = log_like.max(axis=1, keepdims=True)
-    if not np.all(np.isfinite(top)):
-        raise FloatingPointError(
-            "non-finite log-likelihood: NaN or inf in the features or the model"
-        )
+    check_finite(top)
     log_like -= top
     with np.errstate(under="ignore"):
         np.exp(log_like, out=log_like)
@@ -162,10 +167,7 @@ def posteriors_in_place(log_like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ``logsumexp`` of each row: the frame's log-likelihood.
     """
     top = log_like.max(axis=1, keepdims=True)
-    if not np.all(np.isfinite(top)):
-        raise FloatingPointError(
-            "non-finite log-likelihood: NaN or inf in the features or the model"
-        )
+    check_finite(top)
     log_like -= top
     with np.errstate(under="ignore"):
         np.exp(log_like, out=log_like)

@@ -233,9 +233,18 @@ class Kernel:
         return result
 
 
+def check_finite(row_max: np.ndarray) -> None:
+    """NaN is an error (as in Kaldi), never a silent score."""
+    if not np.all(np.isfinite(row_max)):
+        raise FloatingPointError(
+            "non-finite log-likelihood: NaN or inf in the features or the model"
+        )
+
+
 def log_sum_exp_rows(log_like: np.ndarray) -> np.ndarray:
     """Row-wise log-sum-exp, float64, shape (N,). Leaves the input unchanged."""
     top = log_like.max(axis=1)
+    check_finite(top)
     with np.errstate(under="ignore", invalid="ignore"):
         total = np.exp(log_like - top[:, None]).sum(axis=1)
     return top.astype(np.float64) + np.log(total.astype(np.float64))

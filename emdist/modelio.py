@@ -77,6 +77,14 @@ def save_models(path: str | os.PathLike, models: Mapping[str, GMM]) -> None:
     if not labels:
         raise ValueError("no models to save")
     first = models[labels[0]]
+    for label in labels:
+        gmm = models[label]
+        if (gmm.covariance_type, gmm.dim) != (first.covariance_type, first.dim):
+            raise ValueError(
+                f"model {label!r} is {gmm.covariance_type} of dim {gmm.dim}, model "
+                f"{labels[0]!r} {first.covariance_type} of dim {first.dim}: one file holds "
+                "models of one kind"
+            )
     meta = {
         "format": MODEL_FORMAT,
         "version": FORMAT_VERSION,
@@ -97,12 +105,17 @@ def save_models(path: str | os.PathLike, models: Mapping[str, GMM]) -> None:
 def _open_archive(path: str | os.PathLike, fmt: str) -> tuple[dict, dict]:
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive")
+        with loaded as npz:
             arrays = {name: npz[name] for name in npz.files}
         meta = json.loads(str(arrays.pop("meta")))
+        if not isinstance(meta, dict) or not isinstance(meta.get("version", 0), int):
+            raise ValueError("metadata is not an emdist header")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not an emdist file ({exc})") from None
     if meta.get("format") != fmt:
         raise UserError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")

@@ -97,7 +97,7 @@ def iter_frames(source: Shard | LoadedShard) -> Iterator[tuple[str, np.ndarray]]
     if isinstance(source, LoadedShard):
         yield from source.frames.items()
         return
-    for utt, key in zip(source.utts, source.keys):
+    for utt, key in zip(source.utts, source.keys, strict=True):
         yield key, read_utterance(utt)
 
 
@@ -154,7 +154,7 @@ def sample_shard(shard: Shard, stride: int, starts: tuple[int, ...]) -> dict[str
     positions in that stream, so the sample does not depend on the sharding."""
     with one_blas_thread():
         pieces: dict[str, list[np.ndarray]] = {}
-        for utt, key, start in zip(shard.utts, shard.keys, starts):
+        for utt, key, start in zip(shard.utts, shard.keys, starts, strict=True):
             feats = read_utterance(utt)
             first = (-start) % stride
             pieces.setdefault(key, []).append(np.array(feats[first::stride], dtype=np.float64))

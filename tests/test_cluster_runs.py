@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import digits_subset
 
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
 from emdist.datadir import load_data_dir
 from emdist.engine import TrainConfig, train
 from emdist.expdir import ExpDir
-
-from helpers import digits_subset
 
 BIN = Path(sys.executable).parent
 DASK = shutil.which("dask", path=str(BIN)) or shutil.which("dask")

@@ -179,8 +179,8 @@ class DaskBackend:
         # A list of one item scatters the item whole (a dict would be split by key).
         scattered = [self.client.scatter([a], hash=False, broadcast=True)[0] for a in args]
         return [
-            self.client.submit(func, source, *scattered, key=f"{name}-{self._token}-{self._call}-{i}",
-                               retries=RETRIES, pure=False)
+            self.client.submit(func, source, *scattered, retries=RETRIES, pure=False,
+                               key=f"{name}-{self._token}-{self._call}-{i}")
             for i, source in enumerate(sources)
         ]
 
