@@ -433,12 +433,19 @@ def bench_in_process(args, frames, sq32: float, sq64: float) -> dict:
         _, stats64 = emdist_iteration(model, frames, "float64")
         emdist_iteration(model, frames, "float32")
         em32, em64, sk, sk_raw = [], [], [], []
+        sk_skipped = None
+        if frames64 is not None:
+            need, avail = sklearn_memory_estimate(n, k, d), available_memory()
+            if need > avail:
+                sk_skipped = (f"needs about {need / MIB / 1024:.1f} GiB, "
+                              f"{avail / MIB / 1024:.1f} GiB available")
+                log(f"in process {name}: sklearn skipped ({sk_skipped})")
         for rep in range(args.repeats):
             em32.append(emdist_iteration(model, frames, "float32")[0])
             em64.append(emdist_iteration(model, frames, "float64")[0])
             msg = f"in process {name} repeat {rep + 1}/{args.repeats}: emdist f32 " \
                   f"{em32[-1]:.3f} s, f64 {em64[-1]:.3f} s"
-            if frames64 is not None:
+            if frames64 is not None and sk_skipped is None:
                 if rep == 0:
                     prepared = sklearn_warm_start(model, frames64)
                     # warm-up; its lower bound is the log-likelihood under the initial model
@@ -460,6 +467,8 @@ def bench_in_process(args, frames, sq32: float, sq64: float) -> dict:
         }
         entry["emdist_f32"]["paired_fraction"] = [
             flops / s / 1e9 / sq32 for s in em32]
+        if sk_skipped is not None:
+            entry["sklearn"] = {"skipped": sk_skipped}
         if sk:
             emdist_ll = stats64.loglike / stats64.frames
             entry["sklearn"] = {
@@ -623,6 +632,12 @@ def measure_emdist(data: Path, work: Path, k: int, workers: int, tag: str) -> di
     return m
 
 
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def sklearn_memory_estimate(n: int, k: int, d: int) -> float:
     """Bytes sklearn's diagonal fit may hold: about 6.3 (N, K) float64 arrays were measured
     (1.2 GiB per 100,000 frames at K = 256), plus X; counted as 7 for headroom."""
@@ -630,7 +645,6 @@ def sklearn_memory_estimate(n: int, k: int, d: int) -> float:
 
 
 def bench_memory(args, corpora: dict[int, Path], work: Path) -> dict:
-    import psutil
 
     k = args.mem_k
     result: dict = {"K": k, "covariance_type": "diag", "emdist": {}, "dask2": {},
@@ -659,8 +673,7 @@ def bench_memory(args, corpora: dict[int, Path], work: Path) -> dict:
                                  / result["dask2"][a]["peak_tree_rss_mib_sampled"])
     if not args.skip_sklearn:
         for n in args.sklearn_mem_frames:
-            need = sklearn_memory_estimate(n, k, args.dim)
-            avail = psutil.virtual_memory().available
+            need, avail = sklearn_memory_estimate(n, k, args.dim), available_memory()
             if need > avail:
                 result["sklearn"][str(n)] = {
                     "skipped": f"needs about {need / MIB / 1024:.1f} GiB, "
@@ -715,7 +728,7 @@ def child_sklearn_memory(args) -> None:
 # ---------------------------------------------------------------------------- report
 
 
-def add_figure(figures: dict, key: str, label: str, value: float, unit: str,
+def add_figure(figures: dict, key: str, label: str, value: float | None, unit: str,
                ratio: float | None = None, ratio_label: str = "", target_key: str | None = None,
                judged: bool = False, quick: bool = False) -> None:
     row = {"label": label, "value": value, "unit": unit, "ratio": ratio,
@@ -729,6 +742,8 @@ def add_figure(figures: dict, key: str, label: str, value: float, unit: str,
             row["status"] = "n/a (quick)"
         elif not judged:
             row["status"] = "n/a (size)"
+        elif ratio is None:
+            row["status"] = "n/a"
         else:
             ok = ratio >= threshold if op == ">=" else ratio <= threshold
             row["status"] = "PASS" if ok else "FAIL"
@@ -759,11 +774,15 @@ def build_figures(args, report: dict) -> dict:
                    f"emdist.{name}.f32", full_size, quick)
         add_figure(figures, f"emdist.{name}.f64", f"emdist {name} f64 useful rate",
                    f64["gflops"], "GFLOP/s", f64["fraction_of_square_f64"], "of square f64")
-        if "sklearn" in entry:
-            sk = entry["sklearn"]
+        sk = entry.get("sklearn", {})
+        if "median_s" in sk:
             add_figure(figures, f"sklearn.{name}", f"sklearn {name} per iteration",
                        sk["median_s"], "s", sk["speedup_emdist_f32"], "x emdist f32 time",
                        f"sklearn.{name}", full_size, quick)
+        elif "skipped" in sk:
+            add_figure(figures, f"sklearn.{name}", f"sklearn {name} per iteration", None, "s",
+                       None, "x emdist f32 time", f"sklearn.{name}", full_size, quick)
+            figures[f"sklearn.{name}"]["status"] = "skipped (memory)"
     if "dask" in report:
         dk = report["dask"]
         runs = dk["runs"]
@@ -792,9 +811,10 @@ def build_figures(args, report: dict) -> dict:
             add_figure(figures, "memory.dask2.flat", f"peak RSS dask 2w {sizes[1]} / {sizes[0]}",
                        mem["dask2_ratio"], "x", mem["dask2_ratio"], "ratio")
         for n, m in mem["sklearn"].items():
-            if "peak_rss_mib" in m:
-                add_figure(figures, f"memory.sklearn.{n}", f"peak RSS sklearn fit N={n}",
-                           m["peak_rss_mib"], "MiB")
+            add_figure(figures, f"memory.sklearn.{n}", f"peak RSS sklearn fit N={n}",
+                       m.get("peak_rss_mib"), "MiB")
+            if "skipped" in m:
+                figures[f"memory.sklearn.{n}"]["status"] = "skipped (memory)"
         if "sklearn_ratio" in mem:
             a, b = (str(n) for n in args.sklearn_mem_frames[:2])
             add_figure(figures, "memory.sklearn.growth", f"peak RSS sklearn {b} / {a}",
