@@ -25,7 +25,6 @@ from emdist.gmm import (
     Kernel,
     check_finite,
     expand_features,
-    log_sum_exp_rows,
     packed_indices,
 )
 from emdist.stats import GmmStats
@@ -156,27 +155,6 @@ def unnormalised_posteriors(log_like: np.ndarray):
     return log_like, 1.0 / total, frame_ll
 
 
-def posteriors_in_place(log_like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Turn rows of log-likelihoods into posteriors, in place.
-
-    Returns
-    -------
-    resp : ndarray of shape (N, K)
-        The same buffer, now ``exp(L - logsumexp L)``.
-    frame_ll : ndarray of shape (N,), float64
-        ``logsumexp`` of each row: the frame's log-likelihood.
-    """
-    top = log_like.max(axis=1, keepdims=True)
-    check_finite(top)
-    log_like -= top
-    with np.errstate(under="ignore"):
-        np.exp(log_like, out=log_like)
-    total = log_like.sum(axis=1, keepdims=True)
-    log_like /= total
-    frame_ll = top[:, 0].astype(np.float64) + np.log(total[:, 0].astype(np.float64))
-    return log_like, frame_ll
-
-
 def _uncentre(zeroth, moments, kernel: Kernel, loglike: float, frames: int) -> GmmStats:
     """Split ``[first, second]`` moments and undo the kernel's shift, in float64."""
     d = kernel.shift.shape[0]
@@ -207,17 +185,10 @@ def accumulate(
     return acc.finish()
 
 
-def utterance_log_likelihood(kernel: Kernel, frames: np.ndarray, chunk_size: int) -> float:
-    """Total log-likelihood ``Σ_t log p(x_t)`` of one utterance, float64."""
-    return float(kernel.frame_log_likelihood(frames, chunk_size=chunk_size).sum())
-
-
 __all__ = [
     "Accumulator",
     "EStepOptions",
     "accumulate",
-    "log_sum_exp_rows",
     "make_kernel",
-    "posteriors_in_place",
-    "utterance_log_likelihood",
+    "unnormalised_posteriors",
 ]

