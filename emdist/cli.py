@@ -234,7 +234,8 @@ def train(
         "time, or cache when they fit in half the workers' memory.")] = FeatureCache.auto,
     dashboard_address: Dashboard = None,
     stage: Annotated[int | None, typer.Option(help="Restart from STAGE.mdl.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run with other options.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh: remove what an earlier run "
+                                             "wrote in EXP_DIR.")] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:

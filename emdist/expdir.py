@@ -85,24 +85,23 @@ class ExpDir:
     def prepare(self, config: dict, overwrite: bool) -> None:
         """Create the directory, or check that it holds a run with the same options.
 
-        A directory holding a run with other options is refused unless ``overwrite``, in
-        which case its models, logs and metrics are removed first.
+        With ``overwrite``, what an earlier run wrote (models, logs, metrics) is removed
+        first; without it, a directory holding a run with other options is refused and one
+        with the same options is resumed.
         """
         old = self.read_config()
-        if old is not None and old != config:
-            if not overwrite:
-                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise UserError(
-                    f"{self.path} holds a run with other training options "
-                    f"({', '.join(changed)}); use another exp dir or --overwrite"
-                )
+        if overwrite:
             self.clear()
-        elif old is None and self.model_numbers() and not overwrite:
+        elif old is not None and old != config:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise UserError(
+                f"{self.path} holds a run with other training options "
+                f"({', '.join(changed)}); use another exp dir or --overwrite"
+            )
+        elif old is None and self.model_numbers():
             raise UserError(
                 f"{self.path} holds models but no config.json; use another exp dir or --overwrite"
             )
-        elif overwrite and old is None:
-            self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
         for stale in [*self.path.glob(".*.tmp"), *self.log_dir.glob(".*.tmp")]:

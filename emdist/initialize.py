@@ -20,14 +20,23 @@ def label_rng(seed: int, label: str, purpose: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), key])
 
 
-def kmeans_plus_plus(frames: np.ndarray, n_components: int, rng: np.random.Generator):
-    """Choose ``n_components`` seeds among ``frames`` by k-means++ (D² sampling).
+def kmeans_plus_plus(frames: np.ndarray, n_components: int, rng: np.random.Generator,
+                     n_local_trials: int | None = None):
+    """Choose ``n_components`` seeds among ``frames`` by greedy k-means++.
+
+    Each new seed is the best of ``n_local_trials`` candidates drawn with probability
+    proportional to the squared distance to the nearest seed so far (D² sampling), "best"
+    meaning the one that lowers the total squared distance most (Arthur & Vassilvitskii;
+    scikit-learn's default, with ``2 + log K`` trials). Plain D² sampling misses small
+    clusters when the spread inside clusters is not negligible beside the distances
+    between them, as with 39-dim features.
 
     Parameters
     ----------
     frames : ndarray of shape (N, D)
     n_components : int
     rng : numpy.random.Generator
+    n_local_trials : int, optional
 
     Returns
     -------
@@ -37,21 +46,30 @@ def kmeans_plus_plus(frames: np.ndarray, n_components: int, rng: np.random.Gener
     n = len(x)
     if n < n_components:
         raise UserError(f"{n} frames cannot seed {n_components} Gaussians; use fewer Gaussians")
+    trials = n_local_trials or 2 + int(np.log(n_components))
     sq_norm = np.einsum("ij,ij->i", x, x)
     centres = np.empty((n_components, x.shape[1]))
     centres[0] = x[rng.integers(n)]
-    closest = np.maximum(sq_norm - 2.0 * x @ centres[0] + centres[0] @ centres[0], 0.0)
-    for k in range(1, n_components):  # K passes of O(N·D): the seeding, not the EM loop
+    closest = _sq_dist(x, sq_norm, centres[:1])[0]
+    for k in range(1, n_components):  # K steps of O(trials·N·D): the seeding, not EM
         total = closest.sum()
         if total <= 0:  # fewer distinct frames than Gaussians
-            idx = rng.integers(n)
+            candidates = rng.integers(n, size=trials)
         else:
-            idx = int(np.searchsorted(np.cumsum(closest), rng.random() * total))
-            idx = min(idx, n - 1)
-        centres[k] = x[idx]
-        dist = np.maximum(sq_norm - 2.0 * x @ centres[k] + centres[k] @ centres[k], 0.0)
-        np.minimum(closest, dist, out=closest)
+            cum = np.cumsum(closest)
+            candidates = np.minimum(np.searchsorted(cum, rng.random(trials) * total), n - 1)
+        dist = np.minimum(closest, _sq_dist(x, sq_norm, x[candidates]))
+        best = int(np.argmin(dist.sum(axis=1)))
+        centres[k] = x[candidates[best]]
+        closest = dist[best]
     return centres
+
+
+def _sq_dist(x: np.ndarray, sq_norm: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Squared distances of every frame to each centre, shape (C, N)."""
+    cross = centres @ x.T
+    out = sq_norm[None, :] - 2.0 * cross + np.einsum("ij,ij->i", centres, centres)[:, None]
+    return np.maximum(out, 0.0)
 
 
 def centres_model(centres: np.ndarray, covariance_type: str) -> GMM:
