@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -98,6 +99,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     log.setLevel(level)
     log.propagate = False
     logging.captureWarnings(True)
+    warnings.formatwarning = lambda message, category, *_args, **_kw: (
+        f"{category.__name__}: {message}"
+    )
     warn_log = logging.getLogger("py.warnings")
     warn_log.handlers[:] = [handler]
     warn_log.propagate = False

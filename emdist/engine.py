@@ -113,15 +113,17 @@ def make_shards(data: DataDir, nj: int, global_mode: bool) -> list[Shard]:
 class ConvergenceMonitor:
     """Tracks the per-frame log-likelihood; warns when it drops, says when it converged."""
 
-    def __init__(self, tol: float, history: list[float] | None = None) -> None:
+    def __init__(self, tol: float, history: list[float] | None = None,
+                 rtol_decrease: float = 1e-7) -> None:
         self.tol = tol
+        self.rtol_decrease = rtol_decrease
         self.history = list(history or [])
 
     def report(self, loglike_per_frame: float) -> bool:
         """Record a value; True when the change from the previous one is below ``tol``."""
         if self.history:
             prev = self.history[-1]
-            if loglike_per_frame < prev - 1e-7 * max(1.0, abs(prev)):
+            if loglike_per_frame < prev - self.rtol_decrease * max(1.0, abs(prev)):
                 warnings.warn(
                     f"log-likelihood per frame decreased from {prev:.8f} to "
                     f"{loglike_per_frame:.8f}",
@@ -456,7 +458,9 @@ def _save(exp: ExpDir | None, i: int, models) -> None:
 
 def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[str, GMM]:
     cfg = trainer.config
-    monitor = ConvergenceMonitor(cfg.tol, [r["loglike_per_frame"] for r in records])
+    # float32 products round each frame's log-likelihood at about 1e-7 relative
+    rtol = 1e-6 if cfg.estep.dtype == "float32" else 1e-7
+    monitor = ConvergenceMonitor(cfg.tol, [r["loglike_per_frame"] for r in records], rtol)
     i = start
     history = monitor.history
     already = len(history) >= 2 and abs(history[-1] - history[-2]) < cfg.tol
