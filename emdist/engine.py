@@ -207,7 +207,7 @@ class Trainer:
                 on_done=lambda j: self.progress.advance(frames[j]),
             )
         except JobsFailed as failed:
-            raise self._failure(failed, stage, i, command) from None
+            raise self.job_failure(failed, stage, i, command) from None
         finally:
             self.progress.finish()
         if self.exp is not None:
@@ -215,7 +215,9 @@ class Trainer:
                 self.exp.write_job_log(stage, i, command, report)
         return stats
 
-    def _failure(self, failed: JobsFailed, stage: str, i: int, command: str) -> EmdistError:
+    def job_failure(self, failed: JobsFailed, stage: str, i: int, command: str) -> EmdistError:
+        """Write the failed jobs' logs; one error naming the first job, its utterances and
+        its log (a user error when the data is at fault, a runtime failure otherwise)."""
         first = failed.failures[0]
         where = ""
         for f in failed.failures:
@@ -226,7 +228,9 @@ class Trainer:
         utts = f"{shard.utts[0].utt_id} .. {shard.utts[-1].utt_id}"
         summary = (f"{len(failed.failures)} / {failed.total} jobs failed{where}; "
                    f"job {shard.job} ({utts}): {first.error}")
-        return type(first.error)(summary) if _plain_error(first.error) else RuntimeFailure(summary)
+        if isinstance(first.error, UserError):
+            return UserError(summary)
+        return RuntimeFailure(summary)
 
     def update(self, models, stats: StatsMap, options: MStepOptions | None = None):
         """M-step of every model; returns the new models and the per-model reports."""
@@ -250,11 +254,6 @@ class Trainer:
             for label, r in reports.items()
         ]
         self.exp.write_update_log(name, command, lines)
-
-
-def _plain_error(error: BaseException) -> bool:
-    """An emdist error whose class can be rebuilt from a message alone."""
-    return isinstance(error, EmdistError) and type(error).__init__ is Exception.__init__
 
 
 def per_frame(stats: StatsMap) -> tuple[float, int]:
@@ -282,7 +281,7 @@ def frame_sample(trainer: Trainer, labels: list[str]) -> dict[str, np.ndarray]:
             _sample_task, list(zip(trainer.shards, starts_per_shard, strict=True)), stride
         )
     except JobsFailed as failed:
-        raise trainer._failure(failed, "init", 0, f"emdist init pass 0: sample every "
+        raise trainer.job_failure(failed, "init", 0, f"emdist init pass 0: sample every "
                                f"{stride}th frame") from None
     merged: dict[str, list[np.ndarray]] = {}
     for sample in samples:
