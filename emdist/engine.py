@@ -19,7 +19,7 @@ import numpy as np
 
 from emdist.backends.base import Backend, JobsFailed
 from emdist.datadir import DataDir, parse_rxfilename, split_by_frames
-from emdist.errors import EmdistError, EmdistWarning, RuntimeFailure, UserError
+from emdist.errors import EmdistWarning, RuntimeFailure, UserError
 from emdist.estep import EStepOptions
 from emdist.expdir import ExpDir
 from emdist.gmm import COVARIANCE_TYPES, GMM
@@ -215,9 +215,9 @@ class Trainer:
                 self.exp.write_job_log(stage, i, command, report)
         return stats
 
-    def job_failure(self, failed: JobsFailed, stage: str, i: int, command: str) -> EmdistError:
-        """Write the failed jobs' logs; one error naming the first job, its utterances and
-        its log (a user error when the data is at fault, a runtime failure otherwise)."""
+    def job_failure(self, failed: JobsFailed, stage: str, i: int, command: str) -> RuntimeFailure:
+        """Write the failed jobs' logs; one runtime failure (exit 1, as run.pl's "k / n jobs
+        failed") naming the first job, its utterances, its log and its error."""
         first = failed.failures[0]
         where = ""
         for f in failed.failures:
@@ -228,8 +228,6 @@ class Trainer:
         utts = f"{shard.utts[0].utt_id} .. {shard.utts[-1].utt_id}"
         summary = (f"{len(failed.failures)} / {failed.total} jobs failed{where}; "
                    f"job {shard.job} ({utts}): {first.error}")
-        if isinstance(first.error, UserError):
-            return UserError(summary)
         return RuntimeFailure(summary)
 
     def update(self, models, stats: StatsMap, options: MStepOptions | None = None):
@@ -470,7 +468,6 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[
         trainer.write_update_log(f"update.{i}.log", f"m_step {i}.mdl -> {i + 1}.mdl",
                                  stats, reports)
         i += 1
-        _save(trainer.exp, i, models_next)
         ll, frames = per_frame(stats)
         record = IterationRecord(
             iter=i, loglike_per_frame=ll, frames=frames,
@@ -481,7 +478,9 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[
         )
         records.append(record.to_dict())
         if trainer.exp is not None:
+            # the record first: a run killed in between resumes from i-1.mdl and drops it
             trainer.exp.write_metrics(records)
+        _save(trainer.exp, i, models_next)
         if trainer.on_record is not None:
             trainer.on_record(record)
         models = models_next

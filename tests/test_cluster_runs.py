@@ -177,7 +177,7 @@ def test_worker_killed_mid_iteration_costs_time_not_results(subset, serial_bytes
 @pytest.mark.timeout(300)
 def test_driver_killed_then_rerun_resumes_to_the_same_bytes(tmp_path):
     data = digits_subset(tmp_path / "data", "train", 8)
-    opts = ["--workers", "0", "--num-gauss", "3", "--cov", "diag", "--num-iters", "40",
+    opts = ["--workers", "0", "--num-gauss", "3", "--cov", "diag", "--num-iters", "80",
             "--nj", "4", "--init", "kmeans", "--kmeans-iters", "2", "--quiet"]
     whole = _emdist("train", data, tmp_path / "whole", *opts)
     assert whole.returncode == 0, whole.stderr
