@@ -325,7 +325,11 @@ def test_(
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Recognise every utterance of DATA_DIR with the word models of EXP_DIR; print %ERR."""
+    """Recognise every utterance of DATA_DIR with the word models of EXP_DIR; print %ERR.
+
+    With a --global model there are no words: each utterance's log-likelihood is scored
+    and the mean per frame printed (%LOGLIKE).
+    """
     _setup_logging(verbose, quiet)
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout)
     _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj)
@@ -334,14 +338,19 @@ def test_(
 def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int) -> None:
     from emdist.datadir import load_data_dir
     from emdist.modelio import load_models
-    from emdist.recognizer import evaluate, write_results
+    from emdist.recognizer import evaluate, evaluate_global, write_results
+    from emdist.tasks import GLOBAL_LABEL
 
     _check_backend_args(*backend_args)
     models = load_models(Path(exp_dir) / model)
-    data = load_data_dir(data_dir or _default_data("test"), require_labels=True)
+    ubm = set(models) == {GLOBAL_LABEL}
+    data = load_data_dir(data_dir or _default_data("test"), require_labels=not ubm)
     backend = _backend(*backend_args)
     try:
-        results = evaluate(models, data, backend, nj)
+        if ubm:
+            results = evaluate_global(models[GLOBAL_LABEL], data, backend, nj)
+        else:
+            results = evaluate(models, data, backend, nj)
     finally:
         backend.close()
     out = Path(exp_dir) / f"decode_{data.name}" / "results.json"

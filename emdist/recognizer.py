@@ -110,6 +110,44 @@ def evaluate(models: Mapping[str, GMM], data: DataDir, backend: Backend, nj: int
     return Results(labels, utts, confusion)
 
 
-def write_results(results: Results, path: str | Path) -> None:
+@dataclass(frozen=True)
+class LikelihoodResults:
+    """Scores of a data dir under one global model (a UBM): no words to recognise."""
+
+    utts: list[dict]
+
+    @property
+    def n_frames(self) -> int:
+        return sum(u["frames"] for u in self.utts)
+
+    @property
+    def loglike_per_frame(self) -> float:
+        return sum(u["score"] for u in self.utts) / max(self.n_frames, 1)
+
+    def summary_line(self) -> str:
+        """``%LOGLIKE -60.6312 per frame [ 6129 frames / 110 utts ]``."""
+        return (f"%LOGLIKE {self.loglike_per_frame:.4f} per frame [ {self.n_frames} frames / "
+                f"{len(self.utts)} utts ]")
+
+    def to_dict(self) -> dict:
+        return {
+            "model": GLOBAL_LABEL,
+            "loglike_per_frame": self.loglike_per_frame,
+            "n_utts": len(self.utts),
+            "n_frames": self.n_frames,
+            "utts": self.utts,
+        }
+
+
+def evaluate_global(model: GMM, data: DataDir, backend: Backend, nj: int = 8,
+                    options: EStepOptions | None = None) -> LikelihoodResults:
+    """Total log-likelihood of every utterance of ``data`` under one global model."""
+    scores = score({GLOBAL_LABEL: model}, data, backend, nj, options)
+    utts = [{"utt": u.utt_id, "frames": u.num_frames, "score": scores[u.utt_id][GLOBAL_LABEL]}
+            for u in data.utts]
+    return LikelihoodResults(utts)
+
+
+def write_results(results: Results | LikelihoodResults, path: str | Path) -> None:
     """Write ``results.json`` atomically."""
     atomic_write_text(path, json.dumps(results.to_dict(), indent=1) + "\n")

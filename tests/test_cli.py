@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import kaldiio
 import pytest
 from helpers import SUMMARY_RE, digits_subset, emdist_command, model_bytes, write_data_dir
 from typer.testing import CliRunner
@@ -29,6 +30,7 @@ from emdist.datadir import load_data_dir
 from emdist.engine import TrainConfig, train
 from emdist.estep import EStepOptions
 from emdist.expdir import ExpDir
+from emdist.modelio import load_models
 from emdist.mstep import MStepOptions
 from emdist.recognizer import evaluate
 
@@ -337,3 +339,28 @@ def test_workers_2_matches_workers_0_byte_for_byte(tmp_path):
         (tmp_path / "exp0" / "decode_digits-test" / "results.json").read_text()
     )
     assert len(results["labels"]) == 11
+
+
+@pytest.mark.timeout(60)
+def test_global_model_trains_without_text_and_tests_by_log_likelihood(tmp_path):
+    data = write_data_dir(tmp_path / "ubm", seed=0, text=False)
+    test = write_data_dir(tmp_path / "eval", seed=1)  # its text is not needed
+    exp = tmp_path / "exp"
+    trained = invoke("train", data, exp, "--global", "--workers", "0", "--init", "kmeans",
+                     *TINY)
+    assert trained.exit_code == 0, trained.output
+    assert list(load_models(exp / "final.mdl")) == ["global"]
+    result = invoke("test", exp, test, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip()
+    assert re.fullmatch(r"%LOGLIKE -?\d+\.\d{4} per frame \[ \d+ frames / 30 utts \]", line)
+    out = json.loads((exp / "decode_eval" / "results.json").read_text())
+    model = load_models(exp / "final.mdl")["global"]
+    for utt in load_data_dir(test).utts:
+        feats = kaldiio.load_mat(utt.rxfilename)
+        ours = next(u for u in out["utts"] if u["utt"] == utt.utt_id)
+        assert ours["frames"] == len(feats)
+        assert ours["score"] == pytest.approx(model.log_likelihood(feats).sum(), rel=1e-9)
+    total = sum(u["score"] for u in out["utts"]) / sum(u["frames"] for u in out["utts"])
+    assert out["loglike_per_frame"] == pytest.approx(total)
+    assert f"{total:.4f}" in line
