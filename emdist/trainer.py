@@ -1,0 +1,166 @@
+"""The pass machinery of training: shards, the feature cache, progress, and a
+:class:`Trainer` that runs "statistics of every shard, ordered sum" passes with a backend,
+writes job and update logs, and turns failed jobs into one clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from emdist.backends.base import Backend, JobsFailed
+from emdist.datadir import DataDir, split_by_frames
+from emdist.errors import RuntimeFailure, UserError
+from emdist.estep import EStepOptions
+from emdist.expdir import ExpDir
+from emdist.gmm import GMM
+from emdist.mstep import MStepOptions, UpdateReport, m_step
+from emdist.stats import StatsMap
+from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard
+
+if TYPE_CHECKING:
+    from emdist.engine import IterationRecord, TrainConfig
+
+log = logging.getLogger("emdist")
+
+
+def make_shards(data: DataDir, nj: int, global_mode: bool) -> list[Shard]:
+    """Split a data dir into ``nj`` shards balanced by frames, with each utterance's model."""
+    if not global_mode:
+        unlabelled = [u.utt_id for u in data.utts if u.label is None]
+        if unlabelled:
+            raise UserError(
+                f"{data.path}/text: utterance {unlabelled[0]} has no label; every utterance "
+                "needs one to train word models (or use --global)"
+            )
+    parts = split_by_frames(data.utts, nj)
+    return [
+        Shard(i, part, tuple(GLOBAL_LABEL if global_mode else u.label for u in part))
+        for i, part in enumerate(parts)
+    ]
+
+
+class Progress(Protocol):
+    """Receives progress of each pass (the CLI draws a bar or prints lines)."""
+
+    def start(self, title: str, n_jobs: int, n_frames: int) -> None: ...
+
+    def advance(self, n_frames: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, title: str, n_jobs: int, n_frames: int) -> None:
+        pass
+
+    def advance(self, n_frames: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+FEATURE_CACHE_MODES = ("auto", "memory", "none")
+
+
+def cache_mode(requested: str, n_bytes: int, capacity: int) -> str:
+    """``memory`` or ``none``: ``auto`` caches when the features fill at most half of
+    the memory available (Dask spills at 60 % and pauses at 80 % of a worker's limit)."""
+    if requested not in FEATURE_CACHE_MODES:
+        raise UserError(f"--feature-cache must be auto, memory or none, not {requested!r}")
+    if requested != "auto":
+        return requested
+    return "memory" if capacity and n_bytes <= capacity // 2 else "none"
+
+
+class Trainer:
+    """Runs passes over the shards with a backend and writes the exp dir as it goes."""
+
+    def __init__(self, shards: list[Shard], dim: int, config: TrainConfig, backend: Backend,
+                 exp: ExpDir | None, on_record: Callable[[IterationRecord], None] | None = None,
+                 feature_cache: str = "auto", progress: Progress | None = None):
+        self.shards = shards
+        self.dim = dim
+        self.config = config
+        self.backend = backend
+        self.exp = exp
+        self.on_record = on_record
+        self.progress = progress or NoProgress()
+        n_bytes = sum(s.num_frames for s in shards) * dim * 4
+        self.cache_mode = cache_mode(feature_cache, n_bytes, backend.memory_capacity())
+        self._sources: list | None = None
+
+    @property
+    def sources(self) -> list:
+        """What E-step tasks read: the shards, or their cached copies in (worker) memory."""
+        if self._sources is None:
+            cached = self.cache_mode == "memory"
+            self._sources = self.backend.cache(self.shards) if cached else list(self.shards)
+        return self._sources
+
+    def e_pass(self, models: Mapping[str, GMM], stage: str, i: int, hard: bool = False,
+               options: EStepOptions | None = None) -> StatsMap:
+        """Statistics of every model over all shards, summed in shard order."""
+        options = options or self.config.estep
+        command = f"emdist {stage} pass {i}: acc_shard(model={i}, hard={hard})"
+        frames = [s.num_frames for s in self.shards]
+        self.progress.start(f"{stage} {i}", len(self.shards), sum(frames))
+        try:
+            stats, reports = self.backend.map_reduce(
+                acc_shard, self.sources, dict(models), options, hard,
+                on_done=lambda j: self.progress.advance(frames[j]),
+            )
+        except JobsFailed as failed:
+            raise self.job_failure(failed, stage, i, command) from None
+        finally:
+            self.progress.finish()
+        if self.exp is not None:
+            for report in reports:
+                self.exp.write_job_log(stage, i, command, report)
+        return stats
+
+    def job_failure(self, failed: JobsFailed, stage: str, i: int, command: str) -> RuntimeFailure:
+        """Write the failed jobs' logs; one runtime failure (exit 1, as run.pl's "k / n jobs
+        failed") naming the first job, its utterances, its log and its error."""
+        first = failed.failures[0]
+        where = ""
+        for f in failed.failures:
+            if self.exp is not None:
+                path = self.exp.write_failed_log(stage, i, f.index + 1, command, f.traceback)
+                where = where or f", log is in {path}"
+        shard = self.shards[first.index]
+        utts = f"{shard.utts[0].utt_id} .. {shard.utts[-1].utt_id}"
+        summary = (f"{len(failed.failures)} / {failed.total} jobs failed{where}; "
+                   f"job {shard.job} ({utts}): {first.error}")
+        return RuntimeFailure(summary)
+
+    def update(self, models, stats: StatsMap, options: MStepOptions | None = None):
+        """M-step of every model; returns the new models and the per-model reports."""
+        options = options or self.config.mstep
+        new, reports = {}, {}
+        for label in sorted(models):
+            if label not in stats:
+                raise UserError(f"model {label!r} has no frames in the data")
+            new[label], reports[label] = m_step(stats[label], options, previous=models[label])
+        return new, reports
+
+    def write_update_log(self, name: str, command: str, stats: StatsMap,
+                         reports: Mapping[str, UpdateReport]) -> None:
+        if self.exp is None:
+            return
+        lines = [
+            f"model {label}: {r.n_components_in} -> {r.n_components_out} Gaussians, "
+            f"occupancy {stats[label].zeroth.sum():.1f}, floored {r.floored_elements} elements "
+            f"in {r.floored_gaussians} Gaussians, removed {r.removed}, kept starved "
+            f"{r.not_updated}"
+            for label, r in reports.items()
+        ]
+        self.exp.write_update_log(name, command, lines)
+
+
+def per_frame(stats: StatsMap) -> tuple[float, int]:
+    frames = sum(s.frames for s in stats.values())
+    loglike = sum(s.loglike for s in stats.values())
+    return loglike / max(frames, 1), frames
