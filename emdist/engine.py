@@ -70,7 +70,7 @@ class TrainConfig:
             (self.nj >= 1, "--nj must be at least 1"),
             (self.tol >= 0, "--tol must not be negative"),
             (self.kmeans_iters >= 0, "--kmeans-iters must not be negative"),
-            (self.mixup_iters >= 0, "--mixup-iters must not be negative"),
+            (self.mixup_iters >= 1, "--mixup-iters must be at least 1"),
             (self.estep.dtype in ("float32", "float64"), "--precision: float32 or float64"),
             (self.estep.chunk_size >= 1, "--chunk-size must be at least 1"),
         ]

@@ -77,17 +77,17 @@ def init_kmeans(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
     removing = replace(cfg.mstep, remove_low_count_gaussians=True)
     new, reports = trainer.update(models, stats, removing)
     trainer.write_update_log(f"init.{p}.log", "initial model from k-means", stats, reports)
-    return _without_previous_starved(new, reports)
-
-
-def _without_previous_starved(models, reports):
     for label, r in reports.items():
         if r.not_updated:
             raise UserError(
                 f"model {label!r}: no k-means cluster has enough frames for the M-step; use "
                 "fewer Gaussians or lower --min-gaussian-occupancy"
             )
-    return models
+        if r.removed:
+            log.warning("model %s: starts with %d Gaussians; %d k-means clusters lack "
+                        "occupancy (--min-gaussian-occupancy)", label, r.n_components_out,
+                        len(r.removed))
+    return new
 
 
 def init_mixup(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
@@ -96,6 +96,7 @@ def init_mixup(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
     one = {lab: centres_model(np.zeros((1, trainer.dim)), cfg.covariance_type) for lab in labels}
     stats = trainer.e_pass(one, "init", 1)
     models, reports = trainer.update(one, stats)
+    trainer.write_update_log("init.1.log", "one Gaussian per model", stats, reports)
     rngs = {lab: label_rng(cfg.seed, lab, "mixup") for lab in labels}
     growing = {lab for lab, m in models.items() if m.n_components < cfg.num_gauss}
     p = 1
@@ -106,7 +107,7 @@ def init_mixup(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
             if lab in growing else m
             for lab, m in models.items()
         }
-        for _ in range(max(cfg.mixup_iters, 1)):
+        for _ in range(cfg.mixup_iters):
             p += 1
             stats = trainer.e_pass(models, "init", p)
             models, reports = trainer.update(models, stats)
