@@ -98,6 +98,8 @@ class Trainer:
         if self._sources is None:
             cached = self.cache_mode == "memory"
             self._sources = self.backend.cache(self.shards) if cached else list(self.shards)
+        elif self.cache_mode == "memory":
+            self._sources = self.backend.rebalance(self._sources)
         return self._sources
 
     def e_pass(self, models: Mapping[str, GMM], stage: str, i: int, hard: bool = False,

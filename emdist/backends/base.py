@@ -37,6 +37,9 @@ class Backend(Protocol):
     def cache(self, shards: Sequence) -> list:
         """Load shards once and keep them in (worker) memory; returns sources."""
 
+    def rebalance(self, sources: list) -> list:
+        """Spread cached shards evenly over the workers again; returns the new sources."""
+
     def memory_capacity(self) -> int:
         """Memory the cache may use at most twice over, in bytes."""
 

@@ -37,6 +37,11 @@ def _readable(paths: list[str]) -> list[str]:
     return [p for p in paths if not os.access(p, os.R_OK)]
 
 
+def _identity(value):
+    """Runs on a worker: a copy of a cached shard, fetched from the worker that holds it."""
+    return value
+
+
 def _emdist_version() -> str:
     import emdist
 
@@ -172,6 +177,35 @@ class DaskBackend:
             )
             for i, shard in enumerate(shards)
         ]
+
+    def rebalance(self, sources: list) -> list:
+        """Spread cached shards evenly again, e.g. after a dead worker's shards were rebuilt
+        on a survivor and its replacement came back empty (``Client.rebalance`` does not
+        move task results). Extra shards move worker to worker, not from disk."""
+        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        if len(workers) < 2 or not sources:
+            return sources
+        holders = self.client.who_has(sources)
+        load: dict[str, list[int]] = {w: [] for w in workers}
+        for i, fut in enumerate(sources):
+            where = sorted(holders.get(fut.key, ()))
+            if where and where[0] in load:
+                load[where[0]].append(i)
+        target = -(-len(sources) // len(workers))  # ceil
+        extra = [i for w in workers for i in load[w][target:]]
+        moved = list(sources)
+        for i in extra:
+            dest = min(workers, key=lambda w: len(load[w]))
+            if len(load[dest]) >= target:
+                break
+            moved[i] = self.client.submit(
+                _identity, sources[i], key=f"emdist-feats-{self._token}-{i}-{self._call}",
+                workers=[dest], allow_other_workers=True, pure=False,
+            )
+            load[dest].append(i)
+        if extra:
+            wait(moved)
+        return moved
 
     def _submit_all(self, func: Callable, sources: Sequence, args: Sequence) -> list:
         self._call += 1

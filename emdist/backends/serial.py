@@ -23,6 +23,10 @@ class SerialBackend:
         """Read every shard into memory once."""
         return self.map(load_shard, shards)
 
+    def rebalance(self, sources: list) -> list:
+        """Nothing to spread: everything is in this process."""
+        return sources
+
     def memory_capacity(self) -> int:
         """Physical memory of this machine, in bytes."""
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
