@@ -224,10 +224,11 @@ class Kernel:
     def frame_log_likelihood(self, frames: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
         """Per-frame ``log p(x_t)``, shape (N,), float64, computed chunk by chunk."""
         frames = np.asarray(frames)
+        shift = self.shift.astype(self.dtype)
         result = np.empty(len(frames))
         for start in range(0, len(frames), chunk_size):
-            x = np.asarray(frames[start : start + chunk_size], dtype=self.dtype) - self.shift
-            expanded = expand_features(x.astype(self.dtype, copy=False), self.covariance_type)
+            x = np.asarray(frames[start : start + chunk_size], dtype=self.dtype) - shift
+            expanded = expand_features(x, self.covariance_type)
             log_like = self.component_log_likelihood(expanded)
             result[start : start + len(x)] = log_sum_exp_rows(log_like)
         return result
