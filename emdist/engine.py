@@ -118,9 +118,14 @@ class ConvergenceMonitor:
                     LikelihoodDecreaseWarning,
                     stacklevel=2,
                 )
-        converged = bool(self.history) and abs(loglike_per_frame - self.history[-1]) < self.tol
         self.history.append(loglike_per_frame)
-        return converged
+        return self.converged
+
+    @property
+    def converged(self) -> bool:
+        """The last two values differ by less than ``tol`` (also after a resume)."""
+        h = self.history
+        return len(h) >= 2 and abs(h[-1] - h[-2]) < self.tol
 
 
 # -- training -------------------------------------------------------------------------
@@ -216,9 +221,7 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[
     rtol = 1e-6 if cfg.estep.dtype == "float32" else 1e-7
     monitor = ConvergenceMonitor(cfg.tol, [r["loglike_per_frame"] for r in records], rtol)
     i = start
-    history = monitor.history
-    already = len(history) >= 2 and abs(history[-1] - history[-2]) < cfg.tol
-    while i < cfg.num_iters and not already:
+    while i < cfg.num_iters and not monitor.converged:
         t0 = time.time()
         stats = trainer.e_pass(models, "acc", i)
         models_next, reports = trainer.update(models, stats)

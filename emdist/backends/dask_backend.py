@@ -145,14 +145,17 @@ class DaskBackend:
                     "feature files must be at the same paths on every worker"
                 )
 
+    def _workers(self) -> dict[str, dict]:
+        """The scheduler's table of workers: address -> info."""
+        return self.client.scheduler_info(n_workers=-1)["workers"]
+
     @property
     def n_workers(self) -> int:
-        return len(self.client.scheduler_info(n_workers=-1)["workers"])
+        return len(self._workers())
 
     def memory_capacity(self) -> int:
         """Summed ``memory_limit`` of the workers, in bytes."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-        return int(sum(w.get("memory_limit") or 0 for w in workers))
+        return int(sum(w.get("memory_limit") or 0 for w in self._workers().values()))
 
     def dashboard_link(self) -> str | None:
         """The dashboard's address, when the dashboard can be served (needs bokeh)."""
@@ -168,7 +171,7 @@ class DaskBackend:
 
     def cache(self, shards: Sequence) -> list:
         """Load every shard once into worker memory; returns futures to pass as sources."""
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        workers = sorted(self._workers())
         return [
             self.client.submit(
                 load_shard, shard, key=f"emdist-feats-{self._token}-{shard.index}",
@@ -182,7 +185,7 @@ class DaskBackend:
         """Spread cached shards evenly again, e.g. after a dead worker's shards were rebuilt
         on a survivor and its replacement came back empty (``Client.rebalance`` does not
         move task results). Extra shards move worker to worker, not from disk."""
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        workers = sorted(self._workers())
         if len(workers) < 2 or not sources:
             return sources
         holders = self.client.who_has(sources)
