@@ -293,7 +293,7 @@ def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) ->
 
 def _record_printer(progress):
     def show(record) -> None:
-        if progress is not None and hasattr(progress, "last_loglike"):
+        if progress is not None:
             progress.last_loglike = record.loglike_per_frame
         _print_record(record)
 

@@ -14,6 +14,7 @@ class LineProgress:
 
     def __init__(self) -> None:
         self._title, self._jobs, self._frames, self._done, self._t0 = "", 0, 0, 0, 0.0
+        self.last_loglike: float | None = None  # the per-iteration line already says it
 
     def start(self, title: str, n_jobs: int, n_frames: int) -> None:
         self._title, self._jobs, self._frames, self._done = title, n_jobs, n_frames, 0
