@@ -1,17 +1,19 @@
 """The E-step: sufficient statistics of frames under a model, chunk by chunk.
 
-Per chunk of ``chunk_size`` frames the work is two matrix products and one exponential per
-frame and component::
+Per chunk of ``chunk_size`` frames (see :mod:`emdist.kernel`)::
 
-    E    = expand(X - shift)          (N, E): [x, x²] or [x, vech(x xᵀ)]
-    L    = E @ W + gconst             (N, K): log w_k + log N(x_t; μ_k, Σ_k)
-    resp = exp(L - logsumexp_k L)     (N, K), rows contiguous in memory
-    [first, second] += respᵀ @ E      (K, E)
+    R    = [1; x - shift; x² or vech(x xᵀ); 0...]   (P, n), frames as columns
+    L    = A @ R                                   (K, n): log2 w_k N(x_t) less c·R
+    resp = 2^(L - max_k L), 0 below 2^-82           (K, n), column t summing to Σ_t
+    [n, first, second] += resp @ (R / Σ_t)ᵀ         (K, P)
 
-The products run in the kernel's dtype (float64 by default; float32 is the fast path);
-statistics are always accumulated in float64. Chunks are cut from the stream of frames
-pushed into an :class:`Accumulator`, so the result does not depend on how the frames were
-split into utterances, shards are read from disk or from memory, or which worker ran.
+two matrix products and one ``exp2`` per frame and component. The products run in the
+kernel's dtype (float64 by default; float32 is the fast path); statistics are always
+accumulated in float64. Hard assignments (k-means) replace the posteriors by the best
+component and sum each component's frames directly (no K-wide product). Chunks are cut from
+the stream of frames pushed into an :class:`Accumulator`, so the result does not depend on
+how the frames were split into utterances, shards are read from disk or from memory, or
+which worker ran.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdist.gmm import (
-    GMM,
+from emdist.gmm import GMM
+from emdist.kernel import (
+    LN2,
     Kernel,
+    Rows,
     check_finite,
-    expand_features,
+    expanded_width,
+    grid_shift,
     packed_indices,
+    posteriors,
 )
 from emdist.stats import GmmStats
 
@@ -41,7 +47,7 @@ class EStepOptions:
     dtype : {"float64", "float32"}
         Precision of the matrix products (statistics are float64 either way).
     chunk_size : int
-        Frames per product; bounds memory at about ``chunk_size * (E + K)`` values.
+        Frames per product; bounds memory at about ``chunk_size * (P + K)`` values.
     """
 
     dtype: str = "float64"
@@ -51,12 +57,15 @@ class EStepOptions:
 def make_kernel(model: GMM, options: EStepOptions) -> Kernel:
     """The model's kernel in the options' precision.
 
-    In float32 the frames are centred on the model's mean (``Σ w_k μ_k``) so that the
-    expanded products do not cancel; in float64 they are used as they are.
+    In float32 the frames are centred near the model's mean (``Σ w_k μ_k`` on a grid of
+    2⁻¹⁰, see :func:`emdist.kernel.grid_shift`) and a common offset is taken out of the
+    constants, so that the expanded products do not cancel; in float64 the plain products
+    are used.
     """
     if options.dtype == "float64":
         return model.kernel(np.float64)
-    return model.kernel(np.float32, shift=model.weights @ model.means)
+    return Kernel.from_gmm(model, np.float32, shift=grid_shift(model.weights @ model.means),
+                           common_offset=True)
 
 
 class Accumulator:
@@ -71,25 +80,31 @@ class Accumulator:
     hard : bool
         Hard assignments (the best component takes the frame, as in k-means) instead of
         posteriors; the log-likelihood summed is then that of the best component.
+    count_flushed : bool
+        Count the posteriors set to zero by the flush (a diagnostic; one more pass).
     """
 
-    def __init__(self, kernel: Kernel, dim: int, chunk_size: int, hard: bool = False):
+    def __init__(self, kernel: Kernel, dim: int, chunk_size: int, hard: bool = False,
+                 count_flushed: bool = False):
         self.kernel = kernel
         self.hard = hard
-        self.chunk_size = chunk_size
-        k, width = kernel.n_components, kernel.weight_matrix.shape[0]
-        self._centre = bool(np.any(kernel.shift))
-        self._shift = kernel.shift.astype(kernel.dtype)
-        self._buffer = np.empty((chunk_size, dim), dtype=kernel.dtype)
-        # Rows [1, expand(x)]: the 1 picks up gconst in the first product and, scaled by
-        # 1/Σ_k exp(L - max), turns into the zeroth-order statistics in the second.
-        self._expanded = np.empty((chunk_size, 1 + width), dtype=kernel.dtype)
-        self._expanded[:, 0] = 1.0
-        self._log_like = np.empty((chunk_size, k), dtype=kernel.dtype)
+        self.count_flushed = count_flushed
+        self._rows = Rows(kernel, chunk_size)
+        shape = (chunk_size, kernel.n_components) if hard else (kernel.n_components, chunk_size)
+        self._log_like = np.empty(shape, dtype=kernel.dtype)
         self._fill = 0
-        self._moments = np.zeros((k, 1 + width))
+        # (K, P), or (P, K) when P >= K: the orientation in which the product runs faster
+        self._wide = kernel.width >= kernel.n_components and not hard
+        shape = (kernel.width, kernel.n_components)
+        self._moments = np.zeros(shape if self._wide else shape[::-1])
         self._loglike = 0.0
         self._frames = 0
+        self.flushed = 0
+        """Posteriors flushed to zero so far (with ``count_flushed``)."""
+
+    @property
+    def chunk_size(self) -> int:
+        return self._rows.capacity
 
     def push(self, frames: np.ndarray) -> None:
         """Add frames of shape (N, D); full chunks are processed at once."""
@@ -97,7 +112,8 @@ class Accumulator:
         n = len(frames)
         while pos < n:
             take = min(self.chunk_size - self._fill, n - pos)
-            self._buffer[self._fill : self._fill + take] = frames[pos : pos + take]
+            block = self._rows.data[1 : 1 + self.kernel.dim, self._fill : self._fill + take]
+            block[...] = frames[pos : pos + take].T
             self._fill += take
             pos += take
             if self._fill == self.chunk_size:
@@ -107,57 +123,54 @@ class Accumulator:
         """Process what is buffered and return the statistics (uncentred, float64)."""
         if self._fill:
             self._process(self._fill)
-        m = self._moments
-        return _uncentre(m[:, 0], m[:, 1:], self.kernel, self._loglike, self._frames)
+        e = expanded_width(self.kernel.dim, self.kernel.covariance_type)
+        m = self._moments.T if self._wide else self._moments
+        return _uncentre(m[:, 0], m[:, 1 : 1 + e], self.kernel, self._loglike, self._frames)
 
     def _process(self, n: int) -> None:
-        x = self._buffer[:n]
-        if self._centre:
-            x -= self._shift
-        rows = self._expanded[:n]
-        rows[:, 0] = 1.0
-        expand_features(x, self.kernel.covariance_type, out=rows[:, 1:])
-        log_like = np.matmul(rows, self.kernel.augmented, out=self._log_like[:n])
+        self._rows.expand(n)
+        rows = self._rows.block(n)
+        self._loglike += self._rows.offset_sum(n)
         if self.hard:
-            check_finite(log_like.max(axis=1))
-            best = log_like.argmax(axis=1)
-            self._loglike += float(log_like[np.arange(n), best].sum(dtype=np.float64))
-            resp = np.zeros_like(log_like)
-            resp[np.arange(n), best] = 1.0
+            self._hard(rows, n)
         else:
-            resp, norm, frame_ll = unnormalised_posteriors(log_like)
-            self._loglike += float(frame_ll.sum())
-            rows *= norm[:, None]  # γ = exp(L - max) / Σ: scale the (narrower) rows instead
-        self._moments += resp.T @ rows
+            self._soft(rows, n)
         self._frames += n
         self._fill = 0
 
+    def _soft(self, rows: np.ndarray, n: int) -> None:
+        resp = self._log_like[:, :n]
+        top, total = posteriors(self.kernel, rows, resp)
+        self._loglike += LN2 * float(top.sum(dtype=np.float64) +
+                                     np.log2(total, dtype=np.float64).sum())
+        if self.count_flushed:
+            self.flushed += resp.size - int(np.count_nonzero(resp))
+        norm = np.reciprocal(total)  # γ = resp / Σ: scale whichever of the two is smaller
+        if self._wide:
+            resp *= norm
+            self._moments += np.matmul(rows, resp.T)
+        else:
+            rows *= norm
+            self._moments += np.matmul(resp, rows.T)
 
-def unnormalised_posteriors(log_like: np.ndarray):
-    """``exp(L - max)`` in place, with the per-row normaliser and log-likelihood.
-
-    Returns
-    -------
-    weights : ndarray of shape (N, K)
-        The same buffer, now ``exp(L - max_k L)``; posteriors are ``weights * norm``.
-    norm : ndarray of shape (N,)
-        ``1 / Σ_k exp(L - max_k L)``.
-    frame_ll : ndarray of shape (N,), float64
-        ``logsumexp`` of each row: the frame's log-likelihood.
-    """
-    top = log_like.max(axis=1, keepdims=True)
-    check_finite(top)
-    log_like -= top
-    with np.errstate(under="ignore"):
-        np.exp(log_like, out=log_like)
-    total = log_like.sum(axis=1)
-    frame_ll = top[:, 0].astype(np.float64) + np.log(total.astype(np.float64))
-    return log_like, 1.0 / total, frame_ll
+    def _hard(self, rows: np.ndarray, n: int) -> None:
+        log_like = np.matmul(rows.T, self.kernel.fast.T, out=self._log_like[:n])
+        best = log_like.argmax(axis=1)
+        best_ll = log_like[np.arange(n), best]
+        check_finite(best_ll)
+        self._loglike += LN2 * float(best_ll.sum(dtype=np.float64))
+        # Σ of each component's frames: sort by component, add runs (no K-wide product)
+        order = np.argsort(best, kind="stable")
+        counts = np.bincount(best, minlength=self.kernel.n_components)
+        used = np.flatnonzero(counts)
+        starts = np.concatenate([[0], np.cumsum(counts[used])[:-1]])
+        sorted_rows = rows.T[order].astype(np.float64)
+        self._moments[used] += np.add.reduceat(sorted_rows, starts, axis=0)
 
 
 def _uncentre(zeroth, moments, kernel: Kernel, loglike: float, frames: int) -> GmmStats:
     """Split ``[first, second]`` moments and undo the kernel's shift, in float64."""
-    d = kernel.shift.shape[0]
+    d = kernel.dim
     first_c = moments[:, :d]
     shift = kernel.shift
     if kernel.covariance_type == "diag":
@@ -190,5 +203,4 @@ __all__ = [
     "EStepOptions",
     "accumulate",
     "make_kernel",
-    "unnormalised_posteriors",
 ]

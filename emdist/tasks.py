@@ -107,7 +107,9 @@ def load_shard(shard: Shard) -> LoadedShard:
         pieces: dict[str, list[np.ndarray]] = {}
         for key, frames in iter_frames(shard):
             pieces.setdefault(key, []).append(frames)
-        return LoadedShard(shard, {k: np.concatenate(v) for k, v in sorted(pieces.items())})
+        # column-major: the E-step copies chunks in transposed, contiguous this way
+        return LoadedShard(shard, {k: np.asfortranarray(np.concatenate(v))
+                                   for k, v in sorted(pieces.items())})
 
 
 def _shard_of(source: Shard | LoadedShard) -> Shard:
