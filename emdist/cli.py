@@ -214,6 +214,12 @@ def train(
     mixup_iters: Annotated[int, typer.Option(help="EM passes after each split of --init "
                                              "mixup.")] = 2,
     perturb_factor: Annotated[float, typer.Option(help="Mix-up mean perturbation, in σ.")] = 0.1,
+    gselect: Annotated[int, typer.Option(
+        help="Gaussian selection for a --global model: per frame, the N best Gaussians of "
+        "0.mdl, chosen once; posteriors and statistics over those only (Kaldi's gmm-gselect). "
+        "0: exact EM.")] = 0,
+    subsample: Annotated[int, typer.Option(
+        help="Use every N-th frame of each utterance (Kaldi's subsample-feats --n).")] = 1,
     precision: Annotated[Precision, typer.Option(help="Precision of the E-step products "
                                                  "(statistics are always float64).")]
     = Precision.float32,
@@ -248,7 +254,8 @@ def train(
     options = dict(
         num_gauss=num_gauss, covariance_type=cov.value, num_iters=num_iters, init=init.value,
         nj=nj, global_mode=global_, seed=seed, tol=tol, kmeans_iters=kmeans_iters,
-        mixup_iters=mixup_iters, perturb_factor=perturb_factor,
+        mixup_iters=mixup_iters, perturb_factor=perturb_factor, gselect=gselect,
+        subsample=subsample,
     )
     estep = dict(dtype=precision.value, chunk_size=chunk_size)
     mstep = dict(

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from emdist.backends.base import Backend
 from emdist.datadir import DataDir, parse_rxfilename
@@ -21,6 +21,7 @@ from emdist.expdir import ExpDir
 from emdist.gmm import COVARIANCE_TYPES, GMM
 from emdist.init_passes import INIT
 from emdist.mstep import MStepOptions
+from emdist.tasks import GLOBAL_LABEL
 from emdist.trainer import Progress, Trainer, make_shards, per_frame
 
 __all__ = [
@@ -58,6 +59,8 @@ class TrainConfig:
     mixup_iters: int = 2
     perturb_factor: float = 0.1
     max_sample_frames: int = 200_000
+    gselect: int = 0
+    subsample: int = 1
     estep: EStepOptions = field(default_factory=lambda: EStepOptions(dtype="float32"))
     mstep: MStepOptions = field(default_factory=MStepOptions)
 
@@ -73,6 +76,10 @@ class TrainConfig:
             (self.mixup_iters >= 1, "--mixup-iters must be at least 1"),
             (self.estep.dtype in ("float32", "float64"), "--precision: float32 or float64"),
             (self.estep.chunk_size >= 1, "--chunk-size must be at least 1"),
+            (self.gselect >= 0, "--gselect must be 0 (off) or a number of Gaussians"),
+            (self.gselect == 0 or self.global_mode,
+             "--gselect selects Gaussians of one --global model (a UBM); add --global"),
+            (self.subsample >= 1, "--subsample must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,6 +87,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def selects(self) -> bool:
+        """Gaussian selection is on and leaves some Gaussians out (else exact EM)."""
+        return 0 < self.gselect < self.num_gauss
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,7 @@ def train(
     -------
     dict of str to GMM
     """
-    shards = make_shards(data, config.nj, config.global_mode)
+    shards = make_shards(data, config.nj, config.global_mode, config.subsample)
     labels = sorted({key for s in shards for key in s.keys})
     trainer = Trainer(shards, data.dim, config, backend, exp, on_record, feature_cache, progress)
     backend.check_paths(sorted({parse_rxfilename(u.rxfilename)[0] for u in data.utts
@@ -185,6 +197,16 @@ def train(
     if exp is not None and exp.final.exists() and stage is None:
         log.info("%s is complete; nothing to do", exp.final)
         return exp.load_model("final")
+    if config.selects and start < config.num_iters:
+        # as Kaldi's train_diag_ubm.sh: once, with the model EM starts from (also on resume)
+        t0 = time.time()
+        first = models if start == 0 or exp is None else exp.load_model(0)
+        trainer.select(first[GLOBAL_LABEL], config.gselect)
+        log.info("Gaussian selection: top %d of %d per frame, by 0.mdl, in %.1f s",
+                 config.gselect, first[GLOBAL_LABEL].n_components, time.time() - t0)
+    elif config.gselect:
+        log.info("--gselect %d selects every Gaussian of %d: exact EM", config.gselect,
+                 config.num_gauss)
     return _iterate(trainer, models, start, records)
 
 
@@ -215,6 +237,14 @@ def _save(exp: ExpDir | None, i: int, models) -> None:
         exp.save_model(i, models)
 
 
+def _mstep_options(cfg: TrainConfig, i: int) -> MStepOptions:
+    """The M-step from ``i``.mdl: with Gaussian selection, starved Gaussians are kept (their
+    indices are in the stored selections) until the last iteration, as Kaldi does."""
+    if cfg.selects and i + 1 < cfg.num_iters:
+        return replace(cfg.mstep, remove_low_count_gaussians=False)
+    return cfg.mstep
+
+
 def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[str, GMM]:
     cfg = trainer.config
     # float32 products round each frame's log-likelihood at about 1e-7 relative
@@ -223,8 +253,8 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[
     i = start
     while i < cfg.num_iters and not monitor.converged:
         t0 = time.time()
-        stats = trainer.e_pass(models, "acc", i)
-        models_next, reports = trainer.update(models, stats)
+        stats = trainer.e_pass(models, "acc", i, selected=cfg.selects)
+        models_next, reports = trainer.update(models, stats, _mstep_options(cfg, i))
         trainer.write_update_log(f"update.{i}.log", f"m_step {i}.mdl -> {i + 1}.mdl",
                                  stats, reports)
         i += 1

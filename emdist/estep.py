@@ -125,7 +125,7 @@ class Accumulator:
             self._process(self._fill)
         e = expanded_width(self.kernel.dim, self.kernel.covariance_type)
         m = self._moments.T if self._wide else self._moments
-        return _uncentre(m[:, 0], m[:, 1 : 1 + e], self.kernel, self._loglike, self._frames)
+        return stats_from_moments(m[:, : 1 + e], self.kernel, self._loglike, self._frames)
 
     def _process(self, n: int) -> None:
         self._rows.expand(n)
@@ -168,9 +168,11 @@ class Accumulator:
         self._moments[used] += np.add.reduceat(sorted_rows, starts, axis=0)
 
 
-def _uncentre(zeroth, moments, kernel: Kernel, loglike: float, frames: int) -> GmmStats:
-    """Split ``[first, second]`` moments and undo the kernel's shift, in float64."""
+def stats_from_moments(moments, kernel: Kernel, loglike: float, frames: int) -> GmmStats:
+    """Statistics from moments ``[1, x, x² or vech(x xᵀ)]`` (K, 1 + E) of centred frames:
+    split them and undo the kernel's shift, in float64."""
     d = kernel.dim
+    zeroth, moments = moments[:, 0], moments[:, 1:]
     first_c = moments[:, :d]
     shift = kernel.shift
     if kernel.covariance_type == "diag":
@@ -203,4 +205,5 @@ __all__ = [
     "EStepOptions",
     "accumulate",
     "make_kernel",
+    "stats_from_moments",
 ]

@@ -325,13 +325,18 @@ def posteriors(kernel: Kernel, rows: np.ndarray, out: np.ndarray):
         ``Σ_k out[k]`` (at least 1): posteriors are ``out / total``.
     """
     np.matmul(kernel.fast, rows, out=out)
-    top = out.max(axis=0)
+    return posteriors_of(out)
+
+
+def posteriors_of(log2_like: np.ndarray):
+    """The posterior steps of :func:`posteriors` on given log2-likelihoods (K, n), in place."""
+    top = log2_like.max(axis=0)
     check_finite(top)
-    out -= top
-    np.maximum(out, -FLUSH_BITS, out=out)
-    np.exp2(out, out=out)
-    out -= out.dtype.type(FLUSH_FLOOR)  # the flushed entries, exactly 2^-82, become 0
-    total = np.matmul(_ones(kernel.n_components, out.dtype), out)
+    log2_like -= top
+    np.maximum(log2_like, -FLUSH_BITS, out=log2_like)
+    np.exp2(log2_like, out=log2_like)
+    log2_like -= log2_like.dtype.type(FLUSH_FLOOR)  # flushed entries, exactly 2^-82, become 0
+    total = np.matmul(_ones(len(log2_like), log2_like.dtype), log2_like)
     return top, total
 
 

@@ -21,6 +21,7 @@ from emdist.datadir import Utterance, load_feats
 from emdist.errors import DataError
 from emdist.estep import Accumulator, EStepOptions, make_kernel
 from emdist.gmm import GMM
+from emdist.gselect import Selection, accumulate_selected, select
 from emdist.stats import StatsMap, add_maps, sum_group
 
 GLOBAL_LABEL = "global"
@@ -42,6 +43,9 @@ class Shard:
     index: int
     utts: tuple[Utterance, ...]
     keys: tuple[str, ...]
+    subsample: int = 1
+    """Keep every n-th frame of each utterance (Kaldi's ``subsample-feats --n``); the
+    utterances' ``num_frames`` already count the frames kept."""
 
     @property
     def job(self) -> int:
@@ -51,6 +55,11 @@ class Shard:
     def num_frames(self) -> int:
         return sum(u.num_frames for u in self.utts)
 
+    def read(self, utt: Utterance) -> np.ndarray:
+        """An utterance's features, every ``subsample``-th frame from the first."""
+        feats = read_utterance(utt)
+        return feats if self.subsample == 1 else np.ascontiguousarray(feats[:: self.subsample])
+
 
 @dataclass(frozen=True)
 class LoadedShard:
@@ -58,6 +67,16 @@ class LoadedShard:
 
     shard: Shard
     frames: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SelectedShard:
+    """A cached shard kept in the block order of its Gaussian selection (``--gselect``)."""
+
+    shard: Shard
+    frames: np.ndarray
+    """(T, D), column-major, in ``selection.order``."""
+    selection: Selection
 
 
 @dataclass(frozen=True)
@@ -98,7 +117,7 @@ def iter_frames(source: Shard | LoadedShard) -> Iterator[tuple[str, np.ndarray]]
         yield from source.frames.items()
         return
     for utt, key in zip(source.utts, source.keys, strict=True):
-        yield key, read_utterance(utt)
+        yield key, source.read(utt)
 
 
 def load_shard(shard: Shard) -> LoadedShard:
@@ -112,19 +131,80 @@ def load_shard(shard: Shard) -> LoadedShard:
                                    for k, v in sorted(pieces.items())})
 
 
-def _shard_of(source: Shard | LoadedShard) -> Shard:
-    return source.shard if isinstance(source, LoadedShard) else source
+Source = Shard | LoadedShard | SelectedShard | tuple  # tuple: (Shard, Selection), streamed
+
+
+def _shard_of(source: Source) -> Shard:
+    if isinstance(source, tuple):
+        return source[0]
+    return source if isinstance(source, Shard) else source.shard
+
+
+def _global_frames(source: Shard | LoadedShard) -> np.ndarray:
+    """All frames of a ``--global`` shard, in stream order."""
+    if isinstance(source, LoadedShard):
+        return source.frames[GLOBAL_LABEL]
+    return np.concatenate([frames for _, frames in iter_frames(source)])
+
+
+def select_shard(source: Shard | LoadedShard, models: Mapping[str, GMM],
+                 options: EStepOptions, n_select: int) -> SelectedShard | Selection:
+    """Gaussian selection of a ``--global`` shard under ``models["global"]``: kept with
+    the shard's frames in block order when the shard is cached, alone when it streams."""
+    with one_blas_thread():
+        frames = _global_frames(source)
+        kernel = make_kernel(models[GLOBAL_LABEL], options)
+        selection = select(kernel, frames, n_select, options.chunk_size)
+        if isinstance(source, LoadedShard):
+            ordered = np.asfortranarray(frames[selection.order])
+            return SelectedShard(source.shard, ordered, selection)
+        return selection
+
+
+def _acc_selected(source, models: Mapping[str, GMM], options: EStepOptions):
+    """Statistics of a ``--global`` shard over each frame's selected Gaussians."""
+    if isinstance(source, SelectedShard):
+        ordered, selection = source.frames, source.selection
+    else:  # streamed: read the shard, then put its frames in block order
+        shard, selection = source
+        ordered = _global_frames(shard)[selection.order]
+    stats, _ = accumulate_selected(make_kernel(models[GLOBAL_LABEL], options), ordered,
+                                   selection, options.chunk_size)
+    line = (f"gselect: {selection.n_select} of {selection.n_components} Gaussians per frame, "
+            f"{selection.mean_union:.0f} per block of frames on average")
+    return {GLOBAL_LABEL: stats}, line
 
 
 def acc_shard(
-    source: Shard | LoadedShard,
+    source: Source,
     models: Mapping[str, GMM],
     options: EStepOptions,
     hard: bool = False,
 ) -> tuple[StatsMap, list[JobReport]]:
-    """Statistics of every model over its own frames in the shard (one pass)."""
+    """Statistics of every model over its own frames in the shard (one pass); over each
+    frame's selected Gaussians when the source carries a Gaussian selection."""
     shard = _shard_of(source)
     start = time.time()
+    extra: tuple[str, ...] = ()
+    if isinstance(source, SelectedShard | tuple):
+        with one_blas_thread():
+            stats, line = _acc_selected(source, models, options)
+        extra = (line,)
+    else:
+        stats = _acc_plain(source, models, options, hard)
+    frames = sum(s.frames for s in stats.values())
+    loglike = sum(s.loglike for s in stats.values())
+    lines = extra + tuple(
+        f"label {key}: {s.frames} frames, log-likelihood per frame "
+        f"{s.loglike / max(s.frames, 1):.6f}"
+        for key, s in stats.items()
+    )
+    report = _report(shard, start, frames, loglike, lines)
+    return stats, [report]
+
+
+def _acc_plain(source: Shard | LoadedShard, models: Mapping[str, GMM], options: EStepOptions,
+               hard: bool) -> StatsMap:
     with one_blas_thread():
         accs: dict[str, Accumulator] = {}
         for key, frames in iter_frames(source):
@@ -132,16 +212,7 @@ def acc_shard(
                 kernel = make_kernel(models[key], options)
                 accs[key] = Accumulator(kernel, models[key].dim, options.chunk_size, hard=hard)
             accs[key].push(frames)
-        stats = {key: accs[key].finish() for key in sorted(accs)}
-    frames = sum(s.frames for s in stats.values())
-    loglike = sum(s.loglike for s in stats.values())
-    lines = tuple(
-        f"label {key}: {s.frames} frames, log-likelihood per frame "
-        f"{s.loglike / max(s.frames, 1):.6f}"
-        for key, s in stats.items()
-    )
-    report = _report(shard, start, frames, loglike, lines)
-    return stats, [report]
+        return {key: accs[key].finish() for key in sorted(accs)}
 
 
 def reduce_group(*results: tuple[StatsMap, list[JobReport]]) -> tuple[StatsMap, list[JobReport]]:
@@ -157,7 +228,7 @@ def sample_shard(shard: Shard, stride: int, starts: tuple[int, ...]) -> dict[str
     with one_blas_thread():
         pieces: dict[str, list[np.ndarray]] = {}
         for utt, key, start in zip(shard.utts, shard.keys, starts, strict=True):
-            feats = read_utterance(utt)
+            feats = shard.read(utt)
             first = (-start) % stride
             pieces.setdefault(key, []).append(np.array(feats[first::stride], dtype=np.float64))
         return {k: np.concatenate(v) for k, v in sorted(pieces.items())}

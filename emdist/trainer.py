@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from emdist.backends.base import Backend, JobsFailed
@@ -17,7 +18,7 @@ from emdist.expdir import ExpDir
 from emdist.gmm import GMM
 from emdist.mstep import MStepOptions, UpdateReport, m_step
 from emdist.stats import StatsMap
-from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard
+from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, select_shard
 
 if TYPE_CHECKING:
     from emdist.engine import IterationRecord, TrainConfig
@@ -25,8 +26,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("emdist")
 
 
-def make_shards(data: DataDir, nj: int, global_mode: bool) -> list[Shard]:
-    """Split a data dir into ``nj`` shards balanced by frames, with each utterance's model."""
+def make_shards(data: DataDir, nj: int, global_mode: bool, subsample: int = 1) -> list[Shard]:
+    """Split a data dir into ``nj`` shards balanced by frames, with each utterance's model.
+
+    With ``subsample`` n, every n-th frame of each utterance is used (Kaldi's
+    ``subsample-feats --n``): utterances count the frames kept, and the shards are those of
+    a data dir holding only those frames.
+    """
+    utts = data.utts
+    if subsample > 1:
+        utts = tuple(replace(u, num_frames=-(-u.num_frames // subsample)) for u in utts)
     if not global_mode:
         unlabelled = [u.utt_id for u in data.utts if u.label is None]
         if unlabelled:
@@ -34,9 +43,9 @@ def make_shards(data: DataDir, nj: int, global_mode: bool) -> list[Shard]:
                 f"{data.path}/text: utterance {unlabelled[0]} has no label; every utterance "
                 "needs one to train word models (or use --global)"
             )
-    parts = split_by_frames(data.utts, nj)
+    parts = split_by_frames(utts, nj)
     return [
-        Shard(i, part, tuple(GLOBAL_LABEL if global_mode else u.label for u in part))
+        Shard(i, part, tuple(GLOBAL_LABEL if global_mode else u.label for u in part), subsample)
         for i, part in enumerate(parts)
     ]
 
@@ -88,9 +97,27 @@ class Trainer:
         self.exp = exp
         self.on_record = on_record
         self.progress = progress or NoProgress()
-        n_bytes = sum(s.num_frames for s in shards) * dim * 4
+        # float32 features, plus a kept Gaussian selection (int16 per Gaussian, order)
+        per_frame = dim * 4 + (2 * config.gselect + 8 if config.selects else 0)
+        n_bytes = sum(s.num_frames for s in shards) * per_frame
         self.cache_mode = cache_mode(feature_cache, n_bytes, backend.memory_capacity())
         self._sources: list | None = None
+        self._selected: list | None = None
+
+    def select(self, model: GMM, n_select: int) -> None:
+        """Gaussian selection under ``model`` on every shard, kept (on the workers) for the
+        passes that follow (``e_pass(..., selected=True)``): with the feature cache, each
+        shard is kept in block order instead of stream order; streamed, the selection alone."""
+        command = f"emdist gselect: select_shard(n={n_select})"
+        try:
+            kept = self.backend.keep(select_shard, self.sources, {GLOBAL_LABEL: model},
+                                     self.config.estep, n_select)
+        except JobsFailed as failed:
+            raise self.job_failure(failed, "gselect", 0, command) from None
+        if self.cache_mode == "memory":
+            self._selected, self._sources = kept, None  # the block-ordered copy replaces it
+        else:
+            self._selected = [(shard, sel) for shard, sel in zip(self.shards, kept, strict=True)]
 
     @property
     def sources(self) -> list:
@@ -103,15 +130,21 @@ class Trainer:
         return self._sources
 
     def e_pass(self, models: Mapping[str, GMM], stage: str, i: int, hard: bool = False,
-               options: EStepOptions | None = None) -> StatsMap:
-        """Statistics of every model over all shards, summed in shard order."""
+               options: EStepOptions | None = None, selected: bool = False) -> StatsMap:
+        """Statistics of every model over all shards, summed in shard order; over each
+        frame's selected Gaussians with ``selected`` (after :meth:`select`)."""
         options = options or self.config.estep
         command = f"emdist {stage} pass {i}: acc_shard(model={i}, hard={hard})"
+        if selected:
+            if self._selected is None:
+                raise RuntimeError("e_pass(selected=True) before select()")
+            command = f"emdist {stage} pass {i}: acc_shard(model={i}, gselect)"
         frames = [s.num_frames for s in self.shards]
         self.progress.start(f"{stage} {i}", len(self.shards), sum(frames))
         try:
             stats, reports = self.backend.map_reduce(
-                acc_shard, self.sources, dict(models), options, hard,
+                acc_shard, self._selected if selected else self.sources, dict(models),
+                options, hard,
                 on_done=lambda j: self.progress.advance(frames[j]),
             )
         except JobsFailed as failed:

@@ -174,6 +174,29 @@ def test_worker_killed_mid_iteration_costs_time_not_results(subset, serial_bytes
         backend.close()
 
 
+GSELECT = TrainConfig(num_gauss=8, covariance_type="diag", num_iters=3, nj=5, init="kmeans",
+                      kmeans_iters=2, global_mode=True, gselect=3)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_worker_holding_selections_killed_costs_time_not_results(subset, tmp_path, cache):
+    """Gaussian selections kept on a worker that dies are recomputed from their lineage."""
+    serial = ExpDir(tmp_path / "serial")
+    train(load_data_dir(subset), GSELECT, SerialBackend(), serial)
+    backend = DaskBackend.local(2, processes=True)
+    try:
+        pids = sorted(backend.client.run(os.getpid).values())
+        killer = KillOnce(pids[0], "acc 1")
+        exp = ExpDir(tmp_path / "exp")
+        train(load_data_dir(subset), GSELECT, backend, exp, feature_cache=cache,
+              progress=killer)
+        assert killer.killed
+        assert exp.final.read_bytes() == serial.final.read_bytes()
+    finally:
+        backend.close()
+
+
 @pytest.mark.timeout(300)
 def test_driver_killed_then_rerun_resumes_to_the_same_bytes(tmp_path):
     data = digits_subset(tmp_path / "data", "train", 8)

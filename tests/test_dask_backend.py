@@ -126,6 +126,31 @@ def test_final_model_is_identical_on_every_backend(
         assert pids == {os.getpid()}
 
 
+GSELECT = dict(covariance_type="diag", num_gauss=8, gselect=3, global_mode=True, num_iters=3,
+               nj=4)
+
+
+@pytest.fixture(scope="module")
+def serial_gselect(root, data) -> Path:
+    exp = root / "serial-gselect"
+    train_tiny(data, exp, feature_cache="none", **GSELECT)
+    return exp
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_gaussian_selection_is_identical_on_every_backend(
+    dask_backend, serial_gselect, data, tmp_path, cache
+):
+    """Selections kept on the workers (with the block-ordered frames when cached, alone when
+    streamed) give the serial run's bytes."""
+    exp = tmp_path / "exp"
+    train_tiny(data, exp, backend=dask_backend, feature_cache=cache, **GSELECT)
+    for name in ["0", "1", "2", "3", "final"]:
+        assert model_bytes(exp, name) == model_bytes(serial_gselect, name), name
+    assert "gselect: 3 of 8" in (exp / "log" / "acc.2.1.log").read_text()
+
+
 @pytest.mark.timeout(60)
 def test_resume_on_dask_after_serial_start_is_byte_identical(
     processes, serial_runs, data, tmp_path

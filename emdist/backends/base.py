@@ -37,6 +37,10 @@ class Backend(Protocol):
     def cache(self, shards: Sequence) -> list:
         """Load shards once and keep them in (worker) memory; returns sources."""
 
+    def keep(self, func: Callable, sources: Sequence, *args: Any) -> list:
+        """``func(source, *args)`` per source, each result kept where it was computed (next
+        to its source) for later tasks; returns handles to pass as (parts of) sources."""
+
     def rebalance(self, sources: list) -> list:
         """Spread cached shards evenly over the workers again; returns the new sources."""
 

@@ -181,6 +181,20 @@ class DaskBackend:
             for i, shard in enumerate(shards)
         ]
 
+    def keep(self, func: Callable, sources: Sequence, *args: Any) -> list:
+        """Run ``func(source, *args)`` next to each source and keep the results on the
+        workers. The arguments go to the scheduler once, as a task (not scattered), so a
+        result lost with its worker can be recomputed from its lineage."""
+        self._call += 1
+        name = getattr(func, "__name__", "task")
+        held = [self.client.submit(_identity, a, key=f"{name}-arg{i}-{self._token}-{self._call}",
+                                   pure=False) for i, a in enumerate(args)]
+        return [
+            self.client.submit(func, source, *held, retries=RETRIES, pure=False,
+                               key=f"{name}-{self._token}-{self._call}-{j}")
+            for j, source in enumerate(sources)
+        ]
+
     def rebalance(self, sources: list) -> list:
         """Spread cached shards evenly again, e.g. after a dead worker's shards were rebuilt
         on a survivor and its replacement came back empty (``Client.rebalance`` does not

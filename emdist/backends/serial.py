@@ -23,6 +23,10 @@ class SerialBackend:
         """Read every shard into memory once."""
         return self.map(load_shard, shards)
 
+    def keep(self, func: Callable, sources: Sequence, *args: Any) -> list:
+        """Compute and hold the results in this process."""
+        return self.map(func, sources, *args)
+
     def rebalance(self, sources: list) -> list:
         """Nothing to spread: everything is in this process."""
         return sources
