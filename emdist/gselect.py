@@ -83,7 +83,7 @@ def top_n(kernel: Kernel, frames: np.ndarray, n_select: int, chunk_size: int) ->
     k = kernel.n_components
     n_select = min(n_select, k)
     rows = Rows(kernel, chunk_size)
-    out = np.empty((len(frames), n_select), dtype=np.int64)
+    out = np.empty((len(frames), n_select), dtype=np.int16 if k <= 32767 else np.int32)
     log_like = np.empty((chunk_size, k), dtype=kernel.dtype)
     for start in range(0, len(frames), chunk_size):
         n = rows.load(frames[start : start + chunk_size])
@@ -101,18 +101,24 @@ def plan(indices: np.ndarray, n_components: int,
     t, n = indices.shape
     keys = (indices[:, 1], indices[:, 0]) if n > 1 else (indices[:, 0],)
     order = np.lexsort(keys) if t else np.zeros(0, dtype=np.int64)
-    block_starts = np.arange(0, t + block_size, block_size).clip(max=t)
-    block_starts = np.unique(block_starts)  # [0, B, 2B, ..., T]
-    unions, union_starts = [], [0]
+    block_starts = np.unique(np.arange(0, t + block_size, block_size).clip(max=t))
+    chosen = indices[order]
     pos_dtype = np.int16 if n_components <= np.iinfo(np.int16).max else np.int32
     positions = np.empty((t, n), dtype=pos_dtype)
-    for b in range(len(block_starts) - 1):  # once per selection, per block of frames
-        s, e = block_starts[b], block_starts[b + 1]
-        chosen = indices[order[s:e]]
-        union = np.unique(chosen)
-        positions[s:e] = np.searchsorted(union, chosen)
-        unions.append(union)
-        union_starts.append(union_starts[-1] + len(union))
+    unions, counts = [], []
+    per_group = max(1, (1 << 22) // max(n_components, 1))  # blocks per presence bitmap
+    for g in range(0, len(block_starts) - 1, per_group):  # a few groups of many blocks
+        lo, hi = block_starts[g], block_starts[min(g + per_group, len(block_starts) - 1)]
+        block = np.arange(hi - lo, dtype=np.int32)[:, None] // block_size
+        flat = (block * n_components + chosen[lo:hi]).ravel()  # into (blocks, K) bitmaps
+        present = np.zeros(((hi - lo - 1) // block_size + 1) * n_components, dtype=bool)
+        present[flat] = True
+        rank = np.cumsum(present.reshape(-1, n_components), axis=1, dtype=np.int32) - 1
+        positions[lo:hi] = rank.ravel()[flat].reshape(hi - lo, n)  # place in its union
+        present = present.reshape(-1, n_components)
+        unions.append(np.nonzero(present)[1])
+        counts.append(present.sum(axis=1))
+    union_starts = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else [0]
     flat = np.concatenate(unions) if unions else np.zeros(0, dtype=np.intp)
     return Selection(n_components, order.astype(np.int64), block_starts.astype(np.int64),
                      flat.astype(np.intp), np.asarray(union_starts, dtype=np.int64), positions)
@@ -153,11 +159,14 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
             f"a selection of {selection.n_frames} frames over {selection.n_components} "
             f"Gaussians does not fit {len(ordered)} frames and {kernel.n_components} Gaussians"
         )
-    starts, ustarts, unions = selection.block_starts, selection.union_starts, selection.unions
-    lens, sizes = np.diff(starts), np.diff(ustarts) * np.diff(starts)
+    starts, ustarts = selection.block_starts, selection.union_starts
+    unions = np.split(selection.unions, ustarts[1:-1])  # one view per block
+    lens = np.diff(starts)
+    sizes = np.diff(ustarts) * lens
     chunks = _chunks(lens, chunk_size)
     rows = Rows(kernel, max([chunk_size, *lens[:1]]) if len(lens) else chunk_size)
     scores = np.empty(max([int(sizes[a:b].sum()) for a, b in chunks] or [1]), kernel.dtype)
+    posts = np.zeros_like(scores)  # zero but where a chunk scatters, and zeroed again after
     moments = np.zeros((kernel.n_components, kernel.width))
     loglike, flushed = 0.0, 0
     for first, last in chunks:
@@ -167,17 +176,18 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
         frames_t = rows.block(n)
         loglike += rows.offset_sum(n)
         base = np.concatenate([[0], np.cumsum(sizes[first:last])])
-        views = []
+        blocks = []
         for j in range(first, last):  # per block: the product over its union only
-            lo, hi = starts[j] - s, starts[j + 1] - s
-            union = unions[ustarts[j] : ustarts[j + 1]]
-            view = scores[base[j - first] : base[j - first + 1]].reshape(len(union), hi - lo)
-            np.matmul(kernel.fast.take(union, axis=0), frames_t[:, lo:hi], out=view)
-            views.append((union, view, lo, hi))
+            lo, hi, union = starts[j] - s, starts[j + 1] - s, unions[j]
+            area = slice(base[j - first], base[j - first + 1])
+            np.matmul(kernel.fast.take(union, axis=0), frames_t[:, lo:hi],
+                      out=scores[area].reshape(len(union), hi - lo))
+            blocks.append((union, area, lo, hi))
         # where each frame's N selected scores sit in `scores`: pos * len + column + base
-        block_len = np.repeat(lens[first:last], lens[first:last])
-        flat = selection.positions[s : s + n].T * block_len
-        flat += np.arange(n) + np.repeat(base[:-1] - (starts[first:last] - s), lens[first:last])
+        counts = lens[first:last].astype(np.int32)
+        flat = selection.positions[s : s + n].T * np.repeat(counts, counts)
+        flat += np.arange(n, dtype=np.int32)
+        flat += np.repeat((base[:-1] - (starts[first:last] - s)).astype(np.int32), counts)
         chosen = scores.take(flat)  # (N, n)
         top, total = posteriors_of(chosen)
         loglike += LN2 * float(top.sum(dtype=np.float64) +
@@ -185,10 +195,11 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
         if count_flushed:
             flushed += chosen.size - int(np.count_nonzero(chosen))
         chosen *= np.reciprocal(total)
-        scores[: base[-1]] = 0.0
-        scores[flat] = chosen
-        for union, view, lo, hi in views:  # the statistics of each block's union
-            moments[union] += np.matmul(view, frames_t[:, lo:hi].T)
+        posts[flat] = chosen
+        for union, area, lo, hi in blocks:  # the statistics of each block's union
+            moments[union] += np.matmul(posts[area].reshape(len(union), hi - lo),
+                                        frames_t[:, lo:hi].T)
+        posts[flat] = 0.0
     e = expanded_width(kernel.dim, kernel.covariance_type)
     return stats_from_moments(moments[:, : 1 + e], kernel, loglike, len(ordered)), flushed
 
