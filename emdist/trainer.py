@@ -109,11 +109,16 @@ class Trainer:
         passes that follow (``e_pass(..., selected=True)``): with the feature cache, each
         shard is kept in block order instead of stream order; streamed, the selection alone."""
         command = f"emdist gselect: select_shard(n={n_select})"
+        frames = [s.num_frames for s in self.shards]
+        self.progress.start("gselect", len(self.shards), sum(frames))
         try:
             kept = self.backend.keep(select_shard, self.sources, {GLOBAL_LABEL: model},
-                                     self.config.estep, n_select)
+                                     self.config.estep, n_select,
+                                     on_done=lambda j: self.progress.advance(frames[j]))
         except JobsFailed as failed:
             raise self.job_failure(failed, "gselect", 0, command) from None
+        finally:
+            self.progress.finish()
         if self.cache_mode == "memory":
             self._selected, self._sources = kept, None  # the block-ordered copy replaces it
         else:

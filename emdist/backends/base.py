@@ -37,9 +37,11 @@ class Backend(Protocol):
     def cache(self, shards: Sequence) -> list:
         """Load shards once and keep them in (worker) memory; returns sources."""
 
-    def keep(self, func: Callable, sources: Sequence, *args: Any) -> list:
+    def keep(self, func: Callable, sources: Sequence, *args: Any,
+             on_done: Callable[[int], None] | None = None) -> list:
         """``func(source, *args)`` per source, each result kept where it was computed (next
-        to its source) for later tasks; returns handles to pass as (parts of) sources."""
+        to its source) for later tasks; returns handles to pass as (parts of) sources once
+        every result is there."""
 
     def rebalance(self, sources: list) -> list:
         """Spread cached shards evenly over the workers again; returns the new sources."""

@@ -181,19 +181,23 @@ class DaskBackend:
             for i, shard in enumerate(shards)
         ]
 
-    def keep(self, func: Callable, sources: Sequence, *args: Any) -> list:
+    def keep(self, func: Callable, sources: Sequence, *args: Any,
+             on_done: Callable[[int], None] | None = None) -> list:
         """Run ``func(source, *args)`` next to each source and keep the results on the
-        workers. The arguments go to the scheduler once, as a task (not scattered), so a
-        result lost with its worker can be recomputed from its lineage."""
+        workers; returns once all are there. The arguments go to the scheduler once, as a
+        task (not scattered), so a result lost with its worker is recomputed from its
+        lineage."""
         self._call += 1
         name = getattr(func, "__name__", "task")
         held = [self.client.submit(_identity, a, key=f"{name}-arg{i}-{self._token}-{self._call}",
                                    pure=False) for i, a in enumerate(args)]
-        return [
+        futures = [
             self.client.submit(func, source, *held, retries=RETRIES, pure=False,
                                key=f"{name}-{self._token}-{self._call}-{j}")
             for j, source in enumerate(sources)
         ]
+        self._wait(futures, on_done)
+        return futures
 
     def rebalance(self, sources: list) -> list:
         """Spread cached shards evenly again, e.g. after a dead worker's shards were rebuilt

@@ -23,9 +23,10 @@ class SerialBackend:
         """Read every shard into memory once."""
         return self.map(load_shard, shards)
 
-    def keep(self, func: Callable, sources: Sequence, *args: Any) -> list:
+    def keep(self, func: Callable, sources: Sequence, *args: Any,
+             on_done: Callable[[int], None] | None = None) -> list:
         """Compute and hold the results in this process."""
-        return self.map(func, sources, *args)
+        return self.map(func, sources, *args, on_done=on_done)
 
     def rebalance(self, sources: list) -> list:
         """Nothing to spread: everything is in this process."""
