@@ -179,6 +179,10 @@ def _unsorted_copy(train_dir: Path, root: Path) -> Path:
 BAD_CASES = {
     "cov": (["train", "{train}", "{exp}", "--cov", "x"], "--cov"),
     "num-gauss": (["train", "{train}", "{exp}", "--num-gauss", "0"], "--num-gauss"),
+    "gselect-words": (["train", "{train}", "{exp}", "--gselect", "2"], "--global"),
+    "gselect-negative": (["train", "{train}", "{exp}", "--global", "--gselect", "-1"],
+                         "--gselect"),
+    "subsample-zero": (["train", "{train}", "{exp}", "--subsample", "0"], "--subsample"),
     "missing-data": (["train", "{root}/no-such-dir", "{exp}"], "no-such-dir"),
     "unsorted-text": (["train", "{unsorted}", "{exp}"], "not sorted"),
     "missing-model": (["test", "{root}/no-such-exp", "{train}"], "no-such-exp"),
