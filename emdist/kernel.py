@@ -220,14 +220,25 @@ class Kernel:
 
     def frame_log_likelihood(self, frames: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
         """Per-frame ``log p(x_t)``, shape (N,), float64, computed chunk by chunk."""
+        return Scorer(self, min(chunk_size, max(len(frames), 1))).frame_log_likelihood(frames)
+
+
+class Scorer:
+    """Per-frame log-likelihoods of one model, with buffers reused from call to call."""
+
+    def __init__(self, kernel: Kernel, chunk_size: int) -> None:
+        self.rows = Rows(kernel, chunk_size)
+        self._log_like = np.empty((kernel.n_components, chunk_size), dtype=kernel.dtype)
+
+    def frame_log_likelihood(self, frames: np.ndarray) -> np.ndarray:
+        """``log p(x_t)`` of frames (N, D), shape (N,), float64."""
         frames = np.asarray(frames)
-        rows = Rows(self, min(chunk_size, max(len(frames), 1)))
-        log_like = np.empty((self.n_components, rows.capacity), dtype=self.dtype)
+        rows, step = self.rows, self.rows.capacity
         result = np.empty(len(frames))
-        for start in range(0, len(frames), rows.capacity):
-            n = rows.load(frames[start : start + rows.capacity])
+        for start in range(0, len(frames), step):
+            n = rows.load(frames[start : start + step])
             offset = rows.offsets(n)
-            top, total = posteriors(self, rows.block(n), log_like[:, :n])
+            top, total = posteriors(rows.kernel, rows.block(n), self._log_like[:, :n])
             result[start : start + n] = offset + LN2 * (top + np.log2(total, dtype=np.float64))
         return result
 

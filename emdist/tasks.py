@@ -22,6 +22,7 @@ from emdist.errors import DataError
 from emdist.estep import Accumulator, EStepOptions, make_kernel
 from emdist.gmm import GMM
 from emdist.gselect import Selection, accumulate_selected, select
+from emdist.kernel import Scorer
 from emdist.stats import StatsMap, add_maps, sum_group
 
 GLOBAL_LABEL = "global"
@@ -239,14 +240,13 @@ def score_shard(
 ) -> list[tuple[str, dict[str, float]]]:
     """Total log-likelihood of every utterance under every model."""
     with one_blas_thread():
-        kernels = {label: make_kernel(m, options) for label, m in sorted(models.items())}
+        scorers = {label: Scorer(make_kernel(m, options), options.chunk_size)
+                   for label, m in sorted(models.items())}
         out = []
         for utt in source.utts:
             feats = read_utterance(utt)
-            scores = {
-                label: float(k.frame_log_likelihood(feats, options.chunk_size).sum())
-                for label, k in kernels.items()
-            }
+            scores = {label: float(s.frame_log_likelihood(feats).sum())
+                      for label, s in scorers.items()}
             out.append((utt.utt_id, scores))
         return out
 
