@@ -4,7 +4,8 @@ Many CPUs process every subnormal float 10-100x slower, so the speed of an E-ste
 creates them depends on the machine. These tests run the hot paths (soft and hard E-step,
 float32 and float64, diagonal and full, and scoring) on real MFCC (the bundled digits) with
 trained models, with numpy replaced in emdist's numerics modules by a proxy that inspects
-every ``exp2`` result and every operand of every matrix product. They also check that the
+every ``exp2`` result, every operand of every matrix product and the product terms inside
+it (the smallest magnitudes that meet in it). They also check that the
 flush changes nothing that matters: the statistics stay within 1e-6 (‖Δ‖/‖ref‖ per
 statistic and component) of an unflushed float64 computation.
 """
@@ -20,6 +21,7 @@ from threadpoolctl import threadpool_limits
 
 import emdist
 import emdist.estep
+import emdist.gselect
 import emdist.kernel
 from emdist.datadir import load_feats
 from emdist.estep import Accumulator, EStepOptions, accumulate, make_kernel
@@ -66,8 +68,22 @@ def subnormals(a) -> int:
     return int(np.count_nonzero((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)))
 
 
+def subnormal_terms(a, b) -> int:
+    """Inner indices k of ``a @ b`` where some product term ``a[i, k] * b[k, j]`` is
+    subnormal: the smallest nonzero magnitudes of column k of ``a`` and row k of ``b`` make
+    one of the terms, so if their product is normal, every term is."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind != "f" or a.ndim != 2 or b.ndim != 2:
+        return 0
+    small_a = np.where(a != 0, np.abs(a), np.inf).min(axis=0)
+    small_b = np.where(b != 0, np.abs(b), np.inf).min(axis=1)
+    smallest = small_a.astype(np.float64) * small_b
+    return int(np.count_nonzero(smallest < np.finfo(a.dtype).tiny))
+
+
 class CheckedNumpy:
-    """numpy, except that ``exp2`` results and matrix-product operands are inspected."""
+    """numpy, except that ``exp2`` results, matrix-product operands and the product terms
+    inside every matrix product are inspected."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
@@ -85,13 +101,14 @@ class CheckedNumpy:
     def matmul(self, a, b, *args, **kwargs):
         self.calls["matmul"] += 1
         self.found["matmul operand"] += subnormals(a) + subnormals(b)
+        self.found["matmul product term"] += subnormal_terms(a, b)
         return np.matmul(a, b, *args, **kwargs)
 
 
 @pytest.fixture
 def checked(monkeypatch) -> CheckedNumpy:
     proxy = CheckedNumpy()
-    for module in (emdist.kernel, emdist.estep):
+    for module in (emdist.kernel, emdist.estep, emdist.gselect):
         monkeypatch.setattr(module, "np", proxy)
     return proxy
 
@@ -123,6 +140,16 @@ def test_no_subnormal_reaches_exp2_or_a_product(models, frames, checked, cov_typ
     make_kernel(model, EStepOptions(dtype=dtype)).frame_log_likelihood(frames, 1024)
     assert checked.calls["matmul"] > 2 * len(frames) // 1024
     assert hard or checked.calls["exp2"] > len(frames) // 1024
+    assert sum(checked.found.values()) == 0, dict(checked.found)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_no_subnormal_in_the_selected_e_step(models, frames, checked, dtype):
+    model = models["diag"]
+    kernel = make_kernel(model, EStepOptions(dtype=dtype))
+    selection = emdist.gselect.select(kernel, frames, 8)
+    emdist.gselect.accumulate_selected(kernel, frames[selection.order], selection)
+    assert checked.calls["exp2"] > len(frames) // 1024
     assert sum(checked.found.values()) == 0, dict(checked.found)
 
 
