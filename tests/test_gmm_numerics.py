@@ -349,7 +349,7 @@ def test_float32_path_is_accurate_on_real_features(digits_frames, cov_type, k):
     model = fit_few_steps(digits_frames, k, cov_type)
     errors = float32_relative_errors(model, digits_frames)
     print(f"float32 vs float64 ({cov_type}, K={k}): {errors}")
-    assert max(errors.values()) < 1e-5, errors
+    assert max(errors.values()) < 1e-6, errors
 
 
 # ---------------------------------------------------------------------------------------
