@@ -6,9 +6,9 @@ log-likelihood (:func:`select`). Each later E-step computes a frame's posteriors
 N only (renormalised over them, as Kaldi does) and adds its statistics to them only.
 
 To keep that a matter of matrix products, frames are sorted by their best and second-best
-Gaussian and cut into blocks of ``block_size``: frames with the same best Gaussians share
-most of their selections, so the union ``U`` of a block's selections is small (about 110 of
-1024 Gaussians for blocks of 128 frames of real MFCC with N = 30). Per block, the two
+Gaussian and cut into blocks of at most ``block_size`` (256) frames that share their best
+Gaussian: they share most of their selections, so the union ``U`` of a block's selections
+is small (about 110 of 1024 Gaussians on real MFCC with N = 30). Per block, the two
 products of the exact E-step run over the columns ``U`` only; each frame's own N entries are
 picked out of the block's ``(|U|, B)`` log-likelihoods, and its posteriors are scattered
 back before the statistics product. The plan (frame order, blocks, unions, positions) is
@@ -25,7 +25,7 @@ from emdist.estep import stats_from_moments
 from emdist.kernel import LN2, Kernel, Rows, check_finite, expanded_width, posteriors_of
 from emdist.stats import GmmStats
 
-DEFAULT_BLOCK_SIZE = 128
+DEFAULT_BLOCK_SIZE = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +46,12 @@ class Selection:
     positions : ndarray of shape (T, N), int16 or int32
         For the t-th frame in block order, where each of its N Gaussians sits in its
         block's union: ``unions[union_starts[b] + positions[t]]`` are its Gaussians.
+    chunks : ndarray of shape (C + 1,)
+        Chunk ``c`` holds blocks ``chunks[c]:chunks[c + 1]`` (at most ``chunk_size`` frames
+        or one block): frames expanded and posteriors normalised together.
+    stride, column : ndarray of shape (T,), int32
+        Where a frame's scores sit in its chunk's stacked ``(|U|, B)`` block matrices: the
+        score of its Gaussian at union position ``p`` is element ``p * stride + column``.
     """
 
     n_components: int
@@ -54,6 +60,9 @@ class Selection:
     unions: np.ndarray
     union_starts: np.ndarray
     positions: np.ndarray
+    chunks: np.ndarray
+    stride: np.ndarray
+    column: np.ndarray
 
     @property
     def n_frames(self) -> int:
@@ -95,23 +104,24 @@ def top_n(kernel: Kernel, frames: np.ndarray, n_select: int, chunk_size: int) ->
     return out
 
 
-def plan(indices: np.ndarray, n_components: int,
-         block_size: int = DEFAULT_BLOCK_SIZE) -> Selection:
+def plan(indices: np.ndarray, n_components: int, block_size: int = DEFAULT_BLOCK_SIZE,
+         chunk_size: int = 1024) -> Selection:
     """The block plan of per-frame selections ``indices`` (T, N), best first."""
     t, n = indices.shape
     keys = (indices[:, 1], indices[:, 0]) if n > 1 else (indices[:, 0],)
     order = np.lexsort(keys) if t else np.zeros(0, dtype=np.int64)
-    block_starts = np.unique(np.arange(0, t + block_size, block_size).clip(max=t))
     chosen = indices[order]
+    block_starts = _aligned_blocks(chosen[:, 0], block_size) if t else np.zeros(1, np.int64)
     pos_dtype = np.int16 if n_components <= np.iinfo(np.int16).max else np.int32
     positions = np.empty((t, n), dtype=pos_dtype)
     unions, counts = [], []
     per_group = max(1, (1 << 22) // max(n_components, 1))  # blocks per presence bitmap
     for g in range(0, len(block_starts) - 1, per_group):  # a few groups of many blocks
-        lo, hi = block_starts[g], block_starts[min(g + per_group, len(block_starts) - 1)]
-        block = np.arange(hi - lo, dtype=np.int32)[:, None] // block_size
-        flat = (block * n_components + chosen[lo:hi]).ravel()  # into (blocks, K) bitmaps
-        present = np.zeros(((hi - lo - 1) // block_size + 1) * n_components, dtype=bool)
+        last = min(g + per_group, len(block_starts) - 1)
+        lo, hi = block_starts[g], block_starts[last]
+        block = np.repeat(np.arange(last - g, dtype=np.int32), np.diff(block_starts[g:last + 1]))
+        flat = (block[:, None] * n_components + chosen[lo:hi]).ravel()  # into (blocks, K) bitmaps
+        present = np.zeros((last - g) * n_components, dtype=bool)
         present[flat] = True
         rank = np.cumsum(present.reshape(-1, n_components), axis=1, dtype=np.int32) - 1
         positions[lo:hi] = rank.ravel()[flat].reshape(hi - lo, n)  # place in its union
@@ -119,20 +129,52 @@ def plan(indices: np.ndarray, n_components: int,
         unions.append(np.nonzero(present)[1])
         counts.append(present.sum(axis=1))
     union_starts = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else [0]
-    flat = np.concatenate(unions) if unions else np.zeros(0, dtype=np.intp)
+    union_starts = np.asarray(union_starts, dtype=np.int64)
+    flat = (np.concatenate(unions) if unions else np.zeros(0)).astype(np.intp)
+    chunks = _chunks(np.diff(block_starts), chunk_size)
+    stride, column = _score_layout(block_starts, union_starts, chunks)
     return Selection(n_components, order.astype(np.int64), block_starts.astype(np.int64),
-                     flat.astype(np.intp), np.asarray(union_starts, dtype=np.int64), positions)
+                     flat, union_starts, positions, chunks, stride, column)
+
+
+def _score_layout(block_starts: np.ndarray, union_starts: np.ndarray, chunks: np.ndarray):
+    """Per frame, the stride and column of its scores in its chunk's stacked block matrices
+    (block ``j`` is a ``(|U_j|, B_j)`` matrix after the blocks before it in the chunk)."""
+    lens = np.diff(block_starts)
+    sizes = np.diff(union_starts) * lens
+    chunk_of = np.repeat(np.arange(len(chunks) - 1), np.diff(chunks))
+    first = chunks[:-1][chunk_of]  # first block of each block's chunk
+    area_start = np.cumsum(sizes) - sizes
+    base = area_start - area_start[first]  # where block j's matrix starts in its chunk
+    frame = np.arange(block_starts[-1])
+    block = np.repeat(np.arange(len(lens)), lens)
+    column = base[block] + frame - block_starts[block]
+    return lens[block].astype(np.int32), column.astype(np.int32)
+
+
+def _aligned_blocks(best: np.ndarray, block_size: int) -> np.ndarray:
+    """Block starts (and the end) over frames sorted by best Gaussian: a block never spans
+    two best Gaussians, and a longer run is cut into equal blocks of at most
+    ``block_size``, so a block's frames share their best Gaussian and most of the rest."""
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(best)) + 1, [len(best)]])
+    lengths = np.diff(bounds)
+    pieces = -(-lengths // block_size)
+    group = np.repeat(np.arange(len(lengths)), pieces)
+    first_piece = np.concatenate([[0], np.cumsum(pieces)[:-1]])
+    piece = np.arange(int(pieces.sum())) - first_piece[group]
+    starts = bounds[group] + (piece * lengths[group]) // pieces[group]
+    return np.concatenate([starts, [len(best)]]).astype(np.int64)
 
 
 def select(kernel: Kernel, frames: np.ndarray, n_select: int, chunk_size: int = 1024,
            block_size: int = DEFAULT_BLOCK_SIZE) -> Selection:
     """Gaussian selection of ``frames`` (T, D) under ``kernel``'s model, with its plan."""
     indices = top_n(kernel, frames, n_select, chunk_size)
-    return plan(indices, kernel.n_components, block_size)
+    return plan(indices, kernel.n_components, block_size, chunk_size)
 
 
 def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selection,
-                        chunk_size: int = 1024, count_flushed: bool = False):
+                        count_flushed: bool = False):
     """Statistics of frames with posteriors over each frame's selection only.
 
     Parameters
@@ -141,11 +183,10 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
     ordered : ndarray of shape (T, D)
         The frames in block order: ``frames[selection.order]`` (column-major is fastest).
     selection : Selection
-    chunk_size : int
-        Frames per chunk of whole blocks: a chunk is expanded once and its selected
-        posteriors are normalised together; the two products run per block, over the
-        block's union of Gaussians.
     count_flushed : bool
+
+    Per chunk of the plan, the frames are expanded once and their selected posteriors
+    normalised together; per block, the two products run over the block's union.
 
     Returns
     -------
@@ -159,17 +200,19 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
             f"a selection of {selection.n_frames} frames over {selection.n_components} "
             f"Gaussians does not fit {len(ordered)} frames and {kernel.n_components} Gaussians"
         )
-    starts, ustarts = selection.block_starts, selection.union_starts
-    unions = np.split(selection.unions, ustarts[1:-1])  # one view per block
+    sel = selection
+    starts, ustarts, chunks = sel.block_starts, sel.union_starts, sel.chunks
+    unions = np.split(sel.unions, ustarts[1:-1])  # one view per block
     lens = np.diff(starts)
     sizes = np.diff(ustarts) * lens
-    chunks = _chunks(lens, chunk_size)
-    rows = Rows(kernel, max([chunk_size, *lens[:1]]) if len(lens) else chunk_size)
-    scores = np.empty(max([int(sizes[a:b].sum()) for a, b in chunks] or [1]), kernel.dtype)
-    posts = np.zeros_like(scores)  # zero but where a chunk scatters, and zeroed again after
+    spans = [(int(starts[chunks[c + 1]] - starts[chunks[c]]),
+              int(sizes[chunks[c] : chunks[c + 1]].sum())) for c in range(len(chunks) - 1)]
+    rows = Rows(kernel, max([1, *(f for f, _ in spans)]))
+    scores = np.empty(max([1, *(a for _, a in spans)]), kernel.dtype)
     moments = np.zeros((kernel.n_components, kernel.width))
     loglike, flushed = 0.0, 0
-    for first, last in chunks:
+    for c in range(len(chunks) - 1):
+        first, last = chunks[c], chunks[c + 1]
         s, n = starts[first], starts[last] - starts[first]
         rows.x(n)[...] = ordered[s : s + n].T
         rows.expand(n)
@@ -182,12 +225,9 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
             area = slice(base[j - first], base[j - first + 1])
             np.matmul(kernel.fast.take(union, axis=0), frames_t[:, lo:hi],
                       out=scores[area].reshape(len(union), hi - lo))
-            blocks.append((union, area, lo, hi))
-        # where each frame's N selected scores sit in `scores`: pos * len + column + base
-        counts = lens[first:last].astype(np.int32)
-        flat = selection.positions[s : s + n].T * np.repeat(counts, counts)
-        flat += np.arange(n, dtype=np.int32)
-        flat += np.repeat((base[:-1] - (starts[first:last] - s)).astype(np.int32), counts)
+            blocks.append((len(union), area, lo, hi))
+        flat = sel.positions[s : s + n].T * sel.stride[s : s + n]  # each frame's N scores
+        flat += sel.column[s : s + n]
         chosen = scores.take(flat)  # (N, n)
         top, total = posteriors_of(chosen)
         loglike += LN2 * float(top.sum(dtype=np.float64) +
@@ -195,23 +235,24 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
         if count_flushed:
             flushed += chosen.size - int(np.count_nonzero(chosen))
         chosen *= np.reciprocal(total)
-        posts[flat] = chosen
-        for union, area, lo, hi in blocks:  # the statistics of each block's union
-            moments[union] += np.matmul(posts[area].reshape(len(union), hi - lo),
-                                        frames_t[:, lo:hi].T)
-        posts[flat] = 0.0
+        scores[: base[-1]] = 0.0  # the block matrices become the posteriors
+        scores[flat] = chosen
+        for j, (size, area, lo, hi) in zip(range(first, last), blocks, strict=True):
+            moments[unions[j]] += np.matmul(scores[area].reshape(size, hi - lo),
+                                            frames_t[:, lo:hi].T)
     e = expanded_width(kernel.dim, kernel.covariance_type)
     return stats_from_moments(moments[:, : 1 + e], kernel, loglike, len(ordered)), flushed
 
 
-def _chunks(lens: np.ndarray, chunk_size: int) -> list[tuple[int, int]]:
-    """Runs of consecutive blocks of at most ``chunk_size`` frames (at least one block)."""
-    out, first, total = [], 0, 0
-    for j, size in enumerate(lens.tolist()):
-        if j > first and total + size > chunk_size:
-            out.append((first, j))
-            first, total = j, 0
+def _chunks(lens: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Block boundaries of runs of consecutive blocks of at most ``chunk_size`` frames (or
+    one longer block): ``[0, ..., len(lens)]``."""
+    out, total = [0], 0
+    for j, size in enumerate(lens.tolist()):  # once per selection
+        if j > out[-1] and total + size > chunk_size:
+            out.append(j)
+            total = 0
         total += size
     if len(lens):
-        out.append((first, len(lens)))
-    return out
+        out.append(len(lens))
+    return np.asarray(out, dtype=np.int64)

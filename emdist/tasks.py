@@ -170,7 +170,7 @@ def _acc_selected(source, models: Mapping[str, GMM], options: EStepOptions):
         shard, selection = source
         ordered = _global_frames(shard)[selection.order]
     stats, _ = accumulate_selected(make_kernel(models[GLOBAL_LABEL], options), ordered,
-                                   selection, options.chunk_size)
+                                   selection)
     line = (f"gselect: {selection.n_select} of {selection.n_components} Gaussians per frame, "
             f"{selection.mean_union:.0f} per block of frames on average")
     return {GLOBAL_LABEL: stats}, line

@@ -97,8 +97,8 @@ def restricted_reference(model: GMM, frames: np.ndarray, indices: np.ndarray):
 @pytest.mark.parametrize(("n_select", "block_size"), [(1, 128), (5, 7), (30, 128), (30, 1024)])
 def test_selected_statistics_match_brute_force(ubm, frames, dtype, n_select, block_size):
     kernel = make_kernel(ubm, EStepOptions(dtype))
-    sel = select(kernel, frames, n_select, chunk_size=1024, block_size=block_size)
-    stats, _ = accumulate_selected(kernel, frames[sel.order], sel, chunk_size=600)
+    sel = select(kernel, frames, n_select, chunk_size=600, block_size=block_size)
+    stats, _ = accumulate_selected(kernel, frames[sel.order], sel)
     ref, ref_ll = restricted_reference(ubm, frames, sel.indices())
     rtol = 1e-10 if dtype == "float64" else 2e-6
     for name, want in ref.items():
