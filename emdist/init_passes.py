@@ -66,7 +66,10 @@ def init_kmeans(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:
             samples[label], cfg.num_gauss, label_rng(cfg.seed, label, "kmeans++")
         )
     for p in range(1, cfg.kmeans_iters + 2):
-        models = {lab: centres_model(c, cfg.covariance_type) for lab, c in centres.items()}
+        # nearest centres are the same under identity covariances of either type: only the
+        # last pass, whose statistics make the model, needs full second-order sums
+        cov = cfg.covariance_type if p == cfg.kmeans_iters + 1 else "diag"
+        models = {lab: centres_model(c, cov) for lab, c in centres.items()}
         stats = trainer.e_pass(models, "init", p, hard=True)
         if p == cfg.kmeans_iters + 1:
             break
