@@ -424,12 +424,14 @@ GSELECT_LINE = re.compile(r"Gaussian selection: top \d+ of \d+ per frame, by 0\.
                           r"([0-9.]+) s")
 
 
-def train_command(args, data: Path, exp: Path, cov: str, k: int, gselect: int = 0) -> list:
+def train_command(args, data: Path, exp: Path, cov: str, k: int, gselect: int = 0,
+                  nj: int | None = None) -> list:
     cmd = [sys.executable, "-m", "emdist.cli", "train", str(data), str(exp), "--global",
            "--cov", cov, "--num-gauss", str(k), "--init", "kmeans", "--kmeans-iters",
            str(args.kmeans_iters), "--num-iters", str(args.cli_iters), "--workers", "0",
            "--feature-cache", "memory", "--overwrite"]
-    return cmd + (["--gselect", str(gselect)] if gselect else [])
+    return (cmd + (["--gselect", str(gselect)] if gselect else [])
+            + (["--nj", str(nj)] if nj else []))
 
 
 def _steady(seconds: list[float]) -> tuple[float, str]:
@@ -439,12 +441,14 @@ def _steady(seconds: list[float]) -> tuple[float, str]:
     return median(seconds), "iteration 1"
 
 
-def cli_train(args, data: Path, exp: Path, cov: str, k: int, gselect: int = 0) -> dict:
+def cli_train(args, data: Path, exp: Path, cov: str, k: int, gselect: int = 0,
+              nj: int | None = None) -> dict:
     """Run ``emdist train`` in a subprocess (one BLAS thread); its per-iteration seconds."""
     from emdist.expdir import ExpDir
 
-    cmd = train_command(args, data, exp, cov, k, gselect)
-    log(f"emdist train {cov} K={k}{f' --gselect {gselect}' if gselect else ''}")
+    cmd = train_command(args, data, exp, cov, k, gselect, nj)
+    log(f"emdist train {cov} K={k}{f' --gselect {gselect}' if gselect else ''}"
+        f"{f' --nj {nj}' if nj else ''}")
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=one_thread_env())
     wall = time.perf_counter() - t0
@@ -994,11 +998,12 @@ class Workdir:
             self.report.setdefault("synthetic_corpora", {})[str(n)] = {"seconds": seconds}
         return self.synthetic_dirs[n]
 
-    def cli(self, cov: str, k: int, gselect: int = 0) -> dict:
-        key = (cov, k, gselect)
+    def cli(self, cov: str, k: int, gselect: int = 0, nj: int | None = None) -> dict:
+        key = (cov, k, gselect, nj)
         if key not in self.runs:
-            exp = self.path / f"exp-{config_name(cov, k)}{f'-gselect{gselect}' if gselect else ''}"
-            run = cli_train(self.args, self.real, exp, cov, k, gselect)
+            name = (f"exp-{config_name(cov, k)}{f'-gselect{gselect}' if gselect else ''}"
+                    f"{f'-nj{nj}' if nj else ''}")
+            run = cli_train(self.args, self.real, self.path / name, cov, k, gselect, nj)
             run["N"] = n = self.report["real"]["corpus"]["frames"]
             run["useful_flops"] = flops = useful_flops(cov, n, DIM, k)
             run["gflops"] = flops / run["median_s"] / 1e9
@@ -1025,7 +1030,14 @@ def bench_real(args, wd: Workdir, sq32: float) -> None:
     if not args.skip_gselect:
         exact = wd.cli("diag", args.gselect_k)
         selected = wd.cli("diag", args.gselect_k, args.gselect)
-        real["gselect"] = bench_gselect(args, exact, selected, heldout_frames(), frames)
+        heldout = heldout_frames()
+        real["gselect"] = bench_gselect(args, exact, selected, heldout, frames)
+        if args.gselect_larger_shards:  # the speed-up grows with the frames a shard sorts
+            nj = args.gselect_larger_shards
+            larger = bench_gselect(args, wd.cli("diag", args.gselect_k, 0, nj),
+                                   wd.cli("diag", args.gselect_k, args.gselect, nj),
+                                   heldout, frames)
+            real["gselect"]["larger_shards"] = {**larger, "nj": nj}
 
 
 def bench_synthetic(args, wd: Workdir, sq32: float) -> None:
@@ -1210,6 +1222,18 @@ def figures_gselect(fig: Figures, args, gs: dict | None) -> None:
     fig.add("gselect.loglike_diff_train", "log-likelihood, exact - gselect model, training "
             "sample", "nats/frame", (diff["train_sample"], abs(diff["train_sample"])),
             means="|difference|")
+    larger = gs.get("larger_shards")
+    if larger:
+        nj = larger["nj"]
+        fig.add("gselect.larger.exact", f"CLI iteration, exact EM, --nj {nj}", "s/iter",
+                (larger["exact"]["median_s"], None))
+        fig.add("gselect.larger.selected", f"CLI iteration, --gselect {n}, --nj {nj}",
+                "s/iter", (larger["selected"]["median_s"], larger["speedup"]),
+                means="x faster than exact EM (larger shards)")
+        fig.add("gselect.larger.loglike_diff", f"log-likelihood, exact - gselect, --nj {nj}",
+                "nats/frame", (larger["loglike_exact_minus_selected"]["heldout"],
+                               abs(larger["loglike_exact_minus_selected"]["heldout"])),
+                means="|difference| (held-out)")
 
 
 def figures_memory(fig: Figures, args, mem: dict | None) -> None:
@@ -1330,6 +1354,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--nj", type=int, default=8, help="shards of the Dask runs (default 8)")
     a("--gselect-k", type=int, help="diagonal K of the gselect runs (default 1024; quick 256)")
     a("--gselect", type=int, help="Gaussians selected per frame (default 30; quick 16)")
+    a("--gselect-larger-shards", type=int, metavar="NJ",
+      help="also compare exact EM and --gselect with --nj NJ (fewer, larger shards: each "
+      "sorts more frames, so its blocks share more Gaussians; default 2; quick: off)")
     a("--mem-frames", help="two emdist memory sizes (default 1000000,4000000; quick "
       "200000,400000)")
     a("--sklearn-mem-frames", help="two sklearn memory sizes (default 250000,1000000; "
@@ -1350,11 +1377,12 @@ def build_parser() -> argparse.ArgumentParser:
 # note in the JSON), so the emdist ratio already means "flat in N" there.
 QUICK_DEFAULTS = {"frames": 100_000, "diag_k": "16,64", "full_k": "8", "repeats": 1,
                   "sklearn_frames": 50_000, "sklearn_iters": 2, "dask_k": 64, "dask_iters": 3,
-                  "gselect_k": 256, "gselect": 16, "mem_frames": "200000,400000",
+                  "gselect_k": 256, "gselect": 16, "gselect_larger_shards": 0,
+                  "mem_frames": "200000,400000",
                   "sklearn_mem_frames": "50000,100000", "mem_k": 64}
 FULL_DEFAULTS = {"frames": FULL_N, "diag_k": "64,256,1024", "full_k": "64", "repeats": 3,
                  "sklearn_frames": 500_000, "sklearn_iters": 3, "dask_k": 256,
-                 "dask_iters": 4, "gselect_k": 1024, "gselect": 30,
+                 "dask_iters": 4, "gselect_k": 1024, "gselect": 30, "gselect_larger_shards": 2,
                  "mem_frames": "1000000,4000000", "sklearn_mem_frames": "250000,1000000",
                  "mem_k": 256}
 
