@@ -18,7 +18,6 @@ from emdist.kernel import (  # noqa: F401 -- re-exported: the model's numerics
     Kernel,
     check_finite,
     expand_features,
-    log_sum_exp_rows,
     packed_indices,
 )
 

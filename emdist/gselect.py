@@ -23,7 +23,6 @@ import numpy as np
 
 from emdist.estep import stats_from_moments
 from emdist.kernel import LN2, Kernel, Rows, check_finite, expanded_width, posteriors_of
-from emdist.stats import GmmStats
 
 DEFAULT_BLOCK_SIZE = 256
 

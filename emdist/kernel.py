@@ -16,10 +16,10 @@ passes along its contiguous rows. Three choices keep it exact and fast:
   ever see a subnormal number (which many CPUs process 10-100× slower), and what is
   dropped is below float64 resolution of the frame's total.
 * **A common offset** (float32 path). A vector ``c`` (the weighted median of the columns
-  of ``[gconst; W]``, on gconst and the linear terms) is subtracted from every column; ``rows·c`` is the same for every
-  component of a frame, so posteriors do not change, but the products' partial sums stay
-  small and float32 loses half as much. The frame log-likelihood adds ``rows·c`` back
-  (as a float32 (hi, lo) pair summed in float64).
+  of ``[gconst; W]``, on gconst and the linear terms) is subtracted from every column;
+  ``rows·c`` is the same for every component of a frame, so posteriors do not change, but
+  the products' partial sums stay small and float32 loses half as much. The frame
+  log-likelihood adds ``rows·c`` back (as a float32 (hi, lo) pair summed in float64).
 * **Padded width.** ``rows`` has a multiple of 16 rows (zeros past the expansion) so that
   the products run on the fast path of BLAS kernels.
 """
@@ -364,12 +364,3 @@ def check_finite(values: np.ndarray) -> None:
         raise FloatingPointError(
             "non-finite log-likelihood: NaN or inf in the features or the model"
         )
-
-
-def log_sum_exp_rows(log_like: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp, float64, shape (N,). Leaves the input unchanged (a reference)."""
-    top = log_like.max(axis=1)
-    check_finite(top)
-    with np.errstate(under="ignore", invalid="ignore"):
-        total = np.exp(log_like - top[:, None]).sum(axis=1)
-    return top.astype(np.float64) + np.log(total.astype(np.float64))
