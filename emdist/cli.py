@@ -156,9 +156,31 @@ def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | 
         from emdist.backends.serial import SerialBackend
 
         return SerialBackend()
+    import time
+
     from emdist.backends.dask_backend import DaskBackend
 
-    return DaskBackend.local(n, dashboard_address=dashboard_address)
+    t0 = time.monotonic()
+    backend = DaskBackend.local(n, dashboard_address=dashboard_address)
+    cores = _default_workers()
+    if n > cores:
+        s = "s" if cores > 1 else ""
+        log.warning("--workers %d on %d CPU core%s: %d worker processes share %d core%s; "
+                    "starting them took %.1f s and gives no speed-up over --workers %d",
+                    n, cores, s, n, cores, s, time.monotonic() - t0, cores)
+    return backend
+
+
+def _start_fork_server(workers: int | None, scheduler: str | None,
+                       scheduler_file: Path | None, *_) -> None:
+    """When the options start an embedded cluster, start the fork server its worker
+    processes will come from now: it imports what they need in a process of its own while
+    the driver imports, reads the data dir and starts the scheduler."""
+    if scheduler or scheduler_file or workers == 0:
+        return
+    from emdist.backends import forkserver
+
+    forkserver.start("emdist.cli")  # the workers import the driver's __main__ again
 
 
 def _default_data(split: str) -> Path:
@@ -271,13 +293,14 @@ def train(
 
 
 def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) -> None:
+    _check_backend_args(*backend_args)
+    _start_fork_server(*backend_args)
     from emdist.datadir import load_data_dir
     from emdist.engine import TrainConfig, train
     from emdist.estep import EStepOptions
     from emdist.expdir import ExpDir
     from emdist.mstep import MStepOptions
 
-    _check_backend_args(*backend_args)
     config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
     data = load_data_dir(data_dir or _default_data("train"),
                          require_labels=not config.global_mode)
@@ -349,6 +372,7 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
     from emdist.tasks import GLOBAL_LABEL
 
     _check_backend_args(*backend_args)
+    _start_fork_server(*backend_args)
     models = load_models(Path(exp_dir) / model)
     ubm = set(models) == {GLOBAL_LABEL}
     data = load_data_dir(data_dir or _default_data("test"), require_labels=not ubm)

@@ -1,35 +1,117 @@
 """The Dask backend: one task per shard on an embedded LocalCluster or a remote scheduler.
 
 * The model is scattered once per call (broadcast, so losing a worker loses no copy), not
-  embedded in every task.
+  embedded in every task; small arguments (options, flags) travel inside the tasks. All
+  tasks of a call go to the scheduler in one message.
 * With the feature cache, each shard is read once by a ``load_shard`` task whose result
   stays in worker memory (``allow_other_workers=True``: a replaced worker's shards are
   rebuilt from their lineage, i.e. re-read); without it, tasks stream from disk.
-* Statistics are summed on the workers in a tree whose shape follows shard indices only
-  (groups of ``fan_in`` consecutive shards), so the result is the same bits as the serial
-  backend's on any cluster, whatever the order in which tasks finish.
+* Statistics are summed in a tree whose shape follows shard indices only (groups of
+  ``fan_in`` consecutive shards), so the result is the same bits as the serial backend's on
+  any cluster, whatever the order in which tasks finish. Small statistics stream to the
+  driver as tasks finish and are summed there (no reduction tasks, no extra round trips);
+  large ones are summed on the workers.
+* An embedded LocalCluster starts its worker processes from a fork server where there is
+  one (:mod:`emdist.backends.forkserver`: a fraction of the start-up and shut-down time of
+  ``spawn``), and without the glibc ``MALLOC_TRIM_THRESHOLD_`` that Dask sets by default:
+  a fixed trim threshold also fixes the mmap threshold, so every E-step temporary was
+  mapped and unmapped again and the E-step ran about twice as slowly in the workers as in
+  the driver.
 * Worker processes have one thread each; tasks also pin BLAS to one thread themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, as_completed, wait
 from distributed.client import FutureCancelledError
 
+from emdist.backends import forkserver
 from emdist.backends.base import JobFailure, JobsFailed
 from emdist.errors import RuntimeFailure
 from emdist.tasks import load_shard, reduce_group
 
 RETRIES = 2
 LOST_DATA_RETRIES = 3
+# Statistics of all shards of a pass up to this size are summed in the driver as they
+# arrive; larger ones in a tree of reduction tasks on the workers.
+DRIVER_REDUCE_BYTES = 16 * 2**20
+
+
+def _local_cluster_config(processes: bool) -> dict:
+    """Dask settings of an embedded cluster (see the module docstring); a method of
+    starting processes other than Dask's default (``spawn``) is kept."""
+    config: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    if (processes and forkserver.available()
+            and dask.config.get("distributed.worker.multiprocessing-method") == "spawn"):
+        config["distributed.worker.multiprocessing-method"] = "forkserver"
+    return config
+
+
+def _inline(value) -> bool:
+    """Small plain values (flags, numbers, option records) travel inside the tasks."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, tuple):
+        return len(value) <= 16 and all(_inline(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_inline(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
+
+
+def _nbytes(value) -> int:
+    """Bytes of the arrays in ``value`` (through mappings, sequences and dataclasses)."""
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    nbytes = getattr(value, "nbytes", 0)
+    return nbytes if isinstance(nbytes, int) else 0
+
+
+class _OrderedTreeSum:
+    """``tree_sum(items, add, fan_in)`` fed with items in any order: each group of ``fan_in``
+    consecutive items is added left to right as far as its items have arrived, so the sum
+    is the same bits as ``tree_sum`` and most of it is done before the last item comes."""
+
+    def __init__(self, n: int, add: Callable, fan_in: int) -> None:
+        self.add, self.fan_in = add, fan_in
+        self.sizes = [n]
+        while self.sizes[-1] > 1:
+            self.sizes.append(-(-self.sizes[-1] // fan_in))
+        self.arrived: list[dict[int, Any]] = [{} for _ in self.sizes]
+        self.partial: list[dict[int, tuple[int, Any]]] = [{} for _ in self.sizes]
+        self.result: Any = None
+
+    def push(self, i: int, value, level: int = 0) -> None:
+        if level == len(self.sizes) - 1:
+            self.result = value
+            return
+        group = i // self.fan_in
+        first = group * self.fan_in
+        end = min(first + self.fan_in, self.sizes[level])
+        arrived = self.arrived[level]
+        arrived[i] = value
+        nxt, total = self.partial[level].pop(group, (first, None))
+        while nxt in arrived:
+            item = arrived.pop(nxt)
+            total = item if total is None else self.add(total, item)
+            nxt += 1
+        if nxt == end:
+            self.push(group, total, level + 1)
+        else:
+            self.partial[level][group] = (nxt, total)
 
 
 def _readable(paths: list[str]) -> list[str]:
@@ -66,6 +148,10 @@ class DaskBackend:
         self._call = 0
         # Keys are global to a scheduler: a token keeps two runs sharing one apart.
         self._token = uuid.uuid4().hex[:12]
+        # (workers, cached keys) when the cached shards were last found evenly spread
+        self._balanced: tuple[frozenset, tuple] | None = None
+        # the futures of the last call, released once the next call's tasks are sent
+        self._held: list = []
 
     @classmethod
     def local(cls, n_workers: int, processes: bool = True,
@@ -75,14 +161,22 @@ class DaskBackend:
         The scheduler's HTTP server binds to a free port on localhost unless
         ``dashboard_address`` says otherwise.
         """
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=processes,
-            dashboard_address=dashboard_address or "127.0.0.1:0",
-            silence_logs=logging.WARNING,
-        )
-        return cls(Client(cluster), cluster)
+        config = _local_cluster_config(processes)
+        if config.get("distributed.worker.multiprocessing-method") == "forkserver":
+            forkserver.start()  # unless the CLI started it already
+        with dask.config.set(config):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=processes,
+                dashboard_address=dashboard_address or "127.0.0.1:0",
+                silence_logs=logging.WARNING,
+            )
+        try:
+            return cls(Client(cluster), cluster)
+        except BaseException:
+            cluster.close()
+            raise
 
     @classmethod
     def connect(cls, address: str | None = None, scheduler_file: str | None = None,
@@ -170,11 +264,15 @@ class DaskBackend:
     # -- running tasks ----------------------------------------------------------------
 
     def cache(self, shards: Sequence) -> list:
-        """Load every shard once into worker memory; returns futures to pass as sources."""
+        """Load every shard once into worker memory; returns futures to pass as sources.
+
+        Keys are new on every call: a key that a scheduler still knows (say, from an earlier
+        training on this backend) would keep its old task and give that training's data."""
         workers = sorted(self._workers())
+        self._call += 1
         return [
             self.client.submit(
-                load_shard, shard, key=f"emdist-feats-{self._token}-{shard.index}",
+                load_shard, shard, key=f"emdist-feats-{self._token}-{self._call}-{shard.index}",
                 workers=[workers[i % len(workers)]] if workers else None,
                 allow_other_workers=True, retries=RETRIES, pure=False,
             )
@@ -202,9 +300,15 @@ class DaskBackend:
     def rebalance(self, sources: list) -> list:
         """Spread cached shards evenly again, e.g. after a dead worker's shards were rebuilt
         on a survivor and its replacement came back empty (``Client.rebalance`` does not
-        move task results). Extra shards move worker to worker, not from disk."""
+        move task results). Extra shards move worker to worker, not from disk.
+
+        Cached shards only move when workers come or go, so while the workers are those
+        of the last even spread, nothing is asked of the scheduler but its worker list."""
         workers = sorted(self._workers())
         if len(workers) < 2 or not sources:
+            return sources
+        state = (frozenset(workers), tuple(f.key for f in sources))
+        if state == self._balanced:
             return sources
         holders = self.client.who_has(sources)
         load: dict[str, list[int]] = {w: [] for w in workers}
@@ -215,29 +319,38 @@ class DaskBackend:
         target = -(-len(sources) // len(workers))  # ceil
         extra = [i for w in workers for i in load[w][target:]]
         moved = list(sources)
+        self._call += 1
+        call = self._call
         for i in extra:
             dest = min(workers, key=lambda w: len(load[w]))
             if len(load[dest]) >= target:
                 break
             moved[i] = self.client.submit(
-                _identity, sources[i], key=f"emdist-feats-{self._token}-{i}-{self._call}",
+                _identity, sources[i], key=f"emdist-feats-moved-{self._token}-{call}-{i}",
                 workers=[dest], allow_other_workers=True, pure=False,
             )
             load[dest].append(i)
         if extra:
             wait(moved)
+        self._balanced = (frozenset(workers), tuple(f.key for f in moved))
         return moved
 
     def _submit_all(self, func: Callable, sources: Sequence, args: Sequence) -> list:
+        """One task per source, sent to the scheduler in one message."""
         self._call += 1
         name = getattr(func, "__name__", "task")
         # A list of one item scatters the item whole (a dict would be split by key).
-        scattered = [self.client.scatter([a], hash=False, broadcast=True)[0] for a in args]
-        return [
-            self.client.submit(func, source, *scattered, retries=RETRIES, pure=False,
-                               key=f"{name}-{self._token}-{self._call}-{i}")
-            for i, source in enumerate(sources)
-        ]
+        shared = [a if _inline(a) else self.client.scatter([a], hash=False, broadcast=True)[0]
+                  for a in args]
+        n = len(sources)
+        keys = [f"{name}-{self._token}-{self._call}-{i}" for i in range(n)]
+        futures = self.client.map(func, list(sources), *([a] * n for a in shared), key=keys,
+                                  retries=RETRIES, pure=False)
+        # The last pass's results are released only now, behind these tasks: the client
+        # sends its messages at most every 10 ms, so a release sent as that pass ended
+        # would hold these tasks back (see _map_reduce_in_driver).
+        self._held = []
+        return futures
 
     def _wait(self, futures: list, on_done: Callable[[int], None] | None) -> None:
         index = {f.key: i for i, f in enumerate(futures)}
@@ -247,6 +360,10 @@ class DaskBackend:
             for fut in as_completed(futures):
                 if fut.status == "finished":
                     on_done(index[fut.key])
+        self._raise_failures(futures)
+
+    @staticmethod
+    def _raise_failures(futures: list) -> None:
         failures = []
         for i, fut in enumerate(futures):
             if fut.status == "error":
@@ -254,6 +371,14 @@ class DaskBackend:
                 tb = "".join(traceback.format_exception(type(exc), exc, fut.traceback()))
                 failures.append(JobFailure(i, exc, tb))
             elif fut.status == "cancelled":
+                # e.g. "lost dependencies": a scattered input died with its worker
+                try:
+                    fut.result()
+                except FutureCancelledError as exc:
+                    failures.append(JobFailure(i, exc, ""))
+                    continue
+                except Exception:  # cancelled some other way
+                    pass
                 failures.append(JobFailure(i, RuntimeFailure("task was cancelled"), ""))
         if failures:
             raise JobsFailed(failures, len(futures))
@@ -283,7 +408,29 @@ class DaskBackend:
 
     def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8,
                    on_done: Callable[[int], None] | None = None):
-        return self._retry_lost(lambda: self._map_reduce(func, sources, args, fan_in, on_done))
+        if len(sources) * _nbytes(args) <= DRIVER_REDUCE_BYTES:
+            run = self._map_reduce_in_driver
+        else:
+            run = self._map_reduce
+        return self._retry_lost(lambda: run(func, sources, args, fan_in, on_done))
+
+    def _map_reduce_in_driver(self, func, sources, args, fan_in, on_done):
+        """Results stream to the driver as they finish and are summed there, in the tree
+        of :func:`emdist.stats.tree_sum` (the statistics are about the model's size)."""
+        futures = self._submit_all(func, sources, args)
+        self._held = futures  # small results: released after the next pass's tasks are sent
+        index = {f.key: i for i, f in enumerate(futures)}
+        total = _OrderedTreeSum(len(futures), reduce_group, fan_in)
+        failed = False
+        for fut, result in as_completed(futures, with_results=True, raise_errors=False):
+            if fut.status != "finished":
+                failed = True
+            elif not failed:
+                total.push(index[fut.key], result)
+                if on_done is not None:
+                    on_done(index[fut.key])
+        self._raise_failures(futures)
+        return total.result
 
     def _map_reduce(self, func, sources, args, fan_in, on_done):
         futures = self._submit_all(func, sources, args)

@@ -1,0 +1,292 @@
+"""Small jobs on an embedded cluster (issue 9, point 6): what the changes that make them fast
+must not break. No timings are asserted here, only behaviour.
+
+What is proved: a bad data dir exits 2 in one line and leaves no process behind (the fork
+server of the workers starts before the data dir is read), a failed cluster start is one
+error line; ``--workers`` beyond the CPU cores says so in one warning line, once, and gives
+the serial bytes; statistics summed in the driver as results arrive and summed on the
+workers are the serial tree's bits, whatever the arrival order; a pass whose scattered
+model died with its only worker is redone; each ``cache()`` has its own keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from helpers import digits_subset, emdist_command, model_bytes, write_data_dir
+from typer.testing import CliRunner
+
+import emdist.backends.dask_backend as dask_backend
+import emdist.cli as cli
+from emdist.backends.dask_backend import DaskBackend, _OrderedTreeSum
+from emdist.backends.serial import SerialBackend
+from emdist.datadir import load_data_dir
+from emdist.engine import TrainConfig, make_shards, train
+from emdist.errors import RuntimeFailure
+from emdist.estep import EStepOptions
+from emdist.stats import tree_sum
+from emdist.tasks import acc_shard
+
+psutil = pytest.importorskip("psutil")
+
+TINY = ["--num-gauss", "2", "--cov", "diag", "--num-iters", "2", "--init", "kmeans",
+        "--kmeans-iters", "1", "--nj", "3"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI points emdist's loggers at the runner's (then closed) stderr: undo it."""
+    saved = [
+        (lg, lg.handlers[:], lg.level, lg.propagate)
+        for lg in map(logging.getLogger, ("emdist", "py.warnings"))
+    ]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+    logging.captureWarnings(False)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("small") / "train", seed=0)
+
+
+# -- starting the embedded cluster -------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_bad_data_dir_starts_no_cluster(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(cli, "_backend", lambda *args: started.append(args))
+    result = invoke("train", tmp_path / "no-such-dir", tmp_path / "exp", "--workers", "2")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("emdist: error:") and "no-such-dir" in result.stderr
+    assert started == []
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_cluster_start_is_one_error_line(monkeypatch, data_dir, tmp_path):
+    def unreachable(*args):
+        raise RuntimeFailure("the cluster did not start")
+
+    monkeypatch.setattr(cli, "_backend", unreachable)
+    result = invoke("train", data_dir, tmp_path / "exp", "--workers", "2", *TINY)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == ["emdist: error: the cluster did not start"]
+    assert not (tmp_path / "exp" / "0.mdl").exists()
+
+
+def _session_processes(sid: int) -> list:
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_bad_data_dir_with_real_workers_exits_2_and_leaves_no_process(tmp_path):
+    proc = subprocess.Popen(
+        [*emdist_command(), "train", str(tmp_path / "no-such-dir"), str(tmp_path / "exp"),
+         "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True, cwd=tmp_path,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=50)
+        assert proc.returncode == 2, stderr
+        assert stdout == "" and len(stderr.splitlines()) == 1, stderr
+        assert "no-such-dir" in stderr and "Traceback" not in stderr
+        # the fork server started for the workers (and its resource tracker) end when they
+        # see the driver gone
+        deadline = time.monotonic() + 20
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _session_processes(proc.pid) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- more workers than cores ------------------------------------------------------------------
+
+
+class QuietCluster:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def close(self) -> None:
+        pass
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("workers", "cores", "warned"), [(8, 2, True), (2, 2, False),
+                                                          (3, 1, True), (1, 4, False)])
+def test_more_workers_than_cores_warns_once(monkeypatch, workers, cores, warned):
+    monkeypatch.setattr(cli, "_default_workers", lambda: cores)
+    monkeypatch.setattr(DaskBackend, "local", classmethod(lambda cls, n, **kw: QuietCluster(n)))
+    collect = Collect()
+    logger = logging.getLogger("emdist")
+    logger.addHandler(collect)
+    try:
+        backend = cli._backend(workers, None, None, 1, 1.0)
+    finally:
+        logger.removeHandler(collect)
+    assert backend.n == workers
+    if not warned:
+        assert collect.lines == []
+        return
+    assert len(collect.lines) == 1, collect.lines
+    plural = "s" if cores > 1 else ""
+    assert collect.lines[0].startswith(
+        f"--workers {workers} on {cores} CPU core{plural}: {workers} worker processes share "
+        f"{cores} core{plural}; starting them took ")
+    assert collect.lines[0].endswith(f" s and gives no speed-up over --workers {cores}")
+
+
+@pytest.mark.timeout(120)
+def test_oversubscribed_cluster_warns_once_and_gives_the_serial_bytes(monkeypatch, tmp_path):
+    data = digits_subset(tmp_path / "digits", "train", per_label=2)
+    serial = invoke("train", data, tmp_path / "exp0", "--workers", "0", *TINY)
+    assert serial.exit_code == 0, serial.output
+    monkeypatch.setattr(cli, "_default_workers", lambda: 2)
+    result = invoke("train", data, tmp_path / "exp3", "--workers", "3", *TINY)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "CPU core" in line]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith("emdist: --workers 3 on 2 CPU cores: 3 worker processes")
+    assert model_bytes(tmp_path / "exp3") == model_bytes(tmp_path / "exp0")
+    assert model_bytes(tmp_path / "exp3", 0) == model_bytes(tmp_path / "exp0", 0)
+
+
+# -- statistics summed as they arrive ----------------------------------------------------------
+
+
+def _join(a: str, b: str) -> str:
+    return f"({a}+{b})"
+
+
+@pytest.mark.parametrize(("n", "fan_in"), [(1, 8), (2, 8), (8, 8), (9, 8), (10, 3), (17, 4)])
+def test_ordered_tree_sum_is_the_tree_sum_in_any_arrival_order(n, fan_in):
+    items = [f"x{i}" for i in range(n)]
+    want = tree_sum(items, add=_join, fan_in=fan_in)  # the tree's shape, written out
+    rng = np.random.default_rng(n)
+    orders = [list(range(n)), list(range(n))[::-1]]
+    orders += [list(rng.permutation(n)) for _ in range(20)]
+    for order in orders:
+        total = _OrderedTreeSum(n, _join, fan_in)
+        for i in order:
+            total.push(int(i), items[i])
+        assert total.result == want, order
+
+
+@pytest.fixture(scope="module")
+def threads():
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                           dashboard_address=None, silence_logs=logging.WARNING)
+    backend = DaskBackend(Client(cluster), cluster)
+    yield backend
+    backend.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("in_driver", [True, False])
+@pytest.mark.parametrize("cached", [False, True])
+def test_both_reductions_give_the_serial_tree_bits(threads, data_dir, monkeypatch, in_driver,
+                                                   cached):
+    data = load_data_dir(data_dir)
+    shards = make_shards(data, 10, global_mode=False)
+    models = train(data, TrainConfig(num_gauss=2, covariance_type="full", num_iters=1, nj=2),
+                   SerialBackend())
+    options = EStepOptions()
+    fan_in = 3  # 10 shards: a tree of 3 levels
+    want, want_reports = SerialBackend().map_reduce(acc_shard, shards, models, options, False,
+                                                    fan_in=fan_in)
+    if not in_driver:
+        monkeypatch.setattr(dask_backend, "DRIVER_REDUCE_BYTES", 0)
+    sources = threads.cache(shards) if cached else shards
+    done = []
+    stats, reports = threads.map_reduce(acc_shard, sources, models, options, False,
+                                        fan_in=fan_in, on_done=done.append)
+    assert sorted(done) == list(range(10))
+    assert [r.job for r in reports] == [r.job for r in want_reports] == list(range(1, 11))
+    assert sorted(stats) == sorted(want)
+    for label in want:
+        for name in ("zeroth", "first", "second"):
+            assert np.array_equal(getattr(stats[label], name), getattr(want[label], name))
+        assert stats[label].loglike == want[label].loglike
+
+
+@pytest.mark.timeout(30)
+def test_every_cache_call_has_its_own_keys(threads, data_dir):
+    shards = make_shards(load_data_dir(data_dir), 3, global_mode=False)
+    first, second = threads.cache(shards), threads.cache(shards)
+    assert not {f.key for f in first} & {f.key for f in second}
+
+
+# -- lost scattered data -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_pass_whose_scattered_model_died_with_its_worker_is_redone(data_dir):
+    # One worker holds the only copy of the scattered model; killing it mid-pass cancels
+    # the pass's tasks ("lost dependencies"): the pass is redone with a fresh scatter.
+    data = load_data_dir(data_dir)
+    shards = make_shards(data, 4, global_mode=False)
+    models = train(data, TrainConfig(num_gauss=2, covariance_type="diag", num_iters=1, nj=2),
+                   SerialBackend())
+    want, _ = SerialBackend().map_reduce(acc_shard, shards, models, EStepOptions(), False)
+    backend = DaskBackend.local(1)
+    try:
+        backend.client.wait_for_workers(1, timeout=30)
+        pid = next(iter(backend.client.run(os.getpid).values()))
+        killed = []
+
+        def kill_once(j: int) -> None:
+            if not killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(j)
+
+        stats, reports = backend.map_reduce(acc_shard, shards, models, EStepOptions(), False,
+                                            on_done=kill_once)
+        assert killed
+        assert pid not in {r.pid for r in reports}  # redone on the restarted worker
+        for label in want:
+            assert np.array_equal(stats[label].second, want[label].second)
+    finally:
+        backend.close()
+
+
+def test_small_values_travel_inside_tasks():
+    inline = dask_backend._inline
+    assert all(inline(v) for v in (True, 3, 0.5, "x", None, EStepOptions(), (1, "a")))
+    assert not any(inline(v) for v in ({"a": 1}, [1], np.zeros(3), tuple(range(20))))
+    assert dask_backend._nbytes({"a": (np.zeros(4), [np.zeros((2, 2))])}) == 64
