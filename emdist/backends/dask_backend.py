@@ -6,17 +6,17 @@
 * With the feature cache, each shard is read once by a ``load_shard`` task whose result
   stays in worker memory (``allow_other_workers=True``: a replaced worker's shards are
   rebuilt from their lineage, i.e. re-read); without it, tasks stream from disk.
-* Statistics are summed in a tree whose shape follows shard indices only (groups of
-  ``fan_in`` consecutive shards), so the result is the same bits as the serial backend's on
-  any cluster, whatever the order in which tasks finish. Small statistics stream to the
-  driver as tasks finish and are summed there (no reduction tasks, no extra round trips);
-  large ones are summed on the workers.
+* Statistics are summed on the workers in a tree whose shape follows shard indices only
+  (groups of ``fan_in`` consecutive shards), so the result is the same bits as the serial
+  backend's on any cluster, whatever the order in which tasks finish. (Streaming every
+  shard's statistics to the driver instead was slower: a worker sending a result while it
+  computes the next one holds the GIL away from the E-step, which took 20-30 % longer.)
 * An embedded LocalCluster starts its worker processes from a fork server where there is
   one (:mod:`emdist.backends.forkserver`: a fraction of the start-up and shut-down time of
-  ``spawn``), and without the glibc ``MALLOC_TRIM_THRESHOLD_`` that Dask sets by default:
-  a fixed trim threshold also fixes the mmap threshold, so every E-step temporary was
-  mapped and unmapped again and the E-step ran about twice as slowly in the workers as in
-  the driver.
+  ``spawn``), and without the ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask sets by default:
+  it also pins glibc's mmap threshold at 128 kB, so every E-step temporary was mapped and
+  unmapped again and the E-step ran about twice as slowly in the workers as in the driver
+  (the fork server gives its workers thresholds that keep them in the heap).
 * Worker processes have one thread each; tasks also pin BLAS to one thread themselves.
 """
 
@@ -42,9 +42,9 @@ from emdist.tasks import load_shard, reduce_group
 
 RETRIES = 2
 LOST_DATA_RETRIES = 3
-# Statistics of all shards of a pass up to this size are summed in the driver as they
-# arrive; larger ones in a tree of reduction tasks on the workers.
-DRIVER_REDUCE_BYTES = 16 * 2**20
+# A pass whose statistics (about the models' size per shard) stay below this keeps its
+# results until the next pass's tasks are sent (see _map_reduce).
+HOLD_BYTES = 16 * 2**20
 
 
 def _local_cluster_config(processes: bool) -> dict:
@@ -78,40 +78,6 @@ def _nbytes(value) -> int:
         return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     nbytes = getattr(value, "nbytes", 0)
     return nbytes if isinstance(nbytes, int) else 0
-
-
-class _OrderedTreeSum:
-    """``tree_sum(items, add, fan_in)`` fed with items in any order: each group of ``fan_in``
-    consecutive items is added left to right as far as its items have arrived, so the sum
-    is the same bits as ``tree_sum`` and most of it is done before the last item comes."""
-
-    def __init__(self, n: int, add: Callable, fan_in: int) -> None:
-        self.add, self.fan_in = add, fan_in
-        self.sizes = [n]
-        while self.sizes[-1] > 1:
-            self.sizes.append(-(-self.sizes[-1] // fan_in))
-        self.arrived: list[dict[int, Any]] = [{} for _ in self.sizes]
-        self.partial: list[dict[int, tuple[int, Any]]] = [{} for _ in self.sizes]
-        self.result: Any = None
-
-    def push(self, i: int, value, level: int = 0) -> None:
-        if level == len(self.sizes) - 1:
-            self.result = value
-            return
-        group = i // self.fan_in
-        first = group * self.fan_in
-        end = min(first + self.fan_in, self.sizes[level])
-        arrived = self.arrived[level]
-        arrived[i] = value
-        nxt, total = self.partial[level].pop(group, (first, None))
-        while nxt in arrived:
-            item = arrived.pop(nxt)
-            total = item if total is None else self.add(total, item)
-            nxt += 1
-        if nxt == end:
-            self.push(group, total, level + 1)
-        else:
-            self.partial[level][group] = (nxt, total)
 
 
 def _readable(paths: list[str]) -> list[str]:
@@ -346,10 +312,7 @@ class DaskBackend:
         keys = [f"{name}-{self._token}-{self._call}-{i}" for i in range(n)]
         futures = self.client.map(func, list(sources), *([a] * n for a in shared), key=keys,
                                   retries=RETRIES, pure=False)
-        # The last pass's results are released only now, behind these tasks: the client
-        # sends its messages at most every 10 ms, so a release sent as that pass ended
-        # would hold these tasks back (see _map_reduce_in_driver).
-        self._held = []
+        self._held = []  # the last pass's results: released behind these tasks
         return futures
 
     def _wait(self, futures: list, on_done: Callable[[int], None] | None) -> None:
@@ -408,33 +371,13 @@ class DaskBackend:
 
     def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8,
                    on_done: Callable[[int], None] | None = None):
-        if len(sources) * _nbytes(args) <= DRIVER_REDUCE_BYTES:
-            run = self._map_reduce_in_driver
-        else:
-            run = self._map_reduce
-        return self._retry_lost(lambda: run(func, sources, args, fan_in, on_done))
+        hold = len(sources) * _nbytes(args) <= HOLD_BYTES
+        return self._retry_lost(
+            lambda: self._map_reduce(func, sources, args, fan_in, on_done, hold))
 
-    def _map_reduce_in_driver(self, func, sources, args, fan_in, on_done):
-        """Results stream to the driver as they finish and are summed there, in the tree
-        of :func:`emdist.stats.tree_sum` (the statistics are about the model's size)."""
+    def _map_reduce(self, func, sources, args, fan_in, on_done, hold=False):
         futures = self._submit_all(func, sources, args)
-        self._held = futures  # small results: released after the next pass's tasks are sent
-        index = {f.key: i for i, f in enumerate(futures)}
-        total = _OrderedTreeSum(len(futures), reduce_group, fan_in)
-        failed = False
-        for fut, result in as_completed(futures, with_results=True, raise_errors=False):
-            if fut.status != "finished":
-                failed = True
-            elif not failed:
-                total.push(index[fut.key], result)
-                if on_done is not None:
-                    on_done(index[fut.key])
-        self._raise_failures(futures)
-        return total.result
-
-    def _map_reduce(self, func, sources, args, fan_in, on_done):
-        futures = self._submit_all(func, sources, args)
-        level, depth = futures, 0
+        level, depth, tree = futures, 0, []
         while len(level) > 1:
             depth += 1
             groups = [level[i : i + fan_in] for i in range(0, len(level), fan_in)]
@@ -444,6 +387,12 @@ class DaskBackend:
                     retries=RETRIES, pure=False)
                 for j, g in enumerate(groups)
             ]
+            tree += level
+        if hold:
+            # Released only once the next pass's tasks are sent: the client sends its
+            # messages at most every 10 ms, so releases sent as this pass ends would hold
+            # the next pass's tasks back.
+            self._held = futures + tree
         self._wait(futures, on_done)
         return level[0].result()
 

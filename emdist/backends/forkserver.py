@@ -18,9 +18,16 @@ import os
 # What every worker imports: preloaded once in the fork server.
 PRELOAD = ("distributed", "numpy", "emdist.tasks")
 
-# Dask's nannies set these before starting a worker (distributed.nanny.pre-spawn-environ);
-# a forked worker keeps the environment of the fork server, so it starts with them.
-_WORKER_ENVIRON = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# A forked worker keeps the environment of the fork server: it starts with these (unless
+# the user set them). Dask's nannies set the thread counts before starting a worker
+# (distributed.nanny.pre-spawn-environ). The glibc malloc thresholds are the values glibc
+# itself grows to (32 MB mmap, twice that trim) once large blocks have been freed; set from
+# the start, E-step temporaries (MBs each) are reused instead of mapped and page-faulted
+# anew, whatever the order of a worker's first allocations (left to glibc, some workers ran
+# the E-step 25 % slower than others, depending on that order).
+_WORKER_ENVIRON = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                   "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                   "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
 
 
 def available() -> bool:
