@@ -1463,6 +1463,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = new_report(args, argv)
     report["blas"] = bench_blas(args)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="emdist-bench-", dir=args.workdir))
     try:
         run_benchmarks(args, report, work)
