@@ -15,7 +15,7 @@ from emdist.backends.base import JobsFailed
 from emdist.errors import UserError
 from emdist.gmm import GMM
 from emdist.initialize import centres_model, kmeans_plus_plus, label_rng, split
-from emdist.tasks import Shard, sample_shard
+from emdist.tasks import sample_shard
 from emdist.trainer import Trainer, per_frame
 
 log = logging.getLogger("emdist")
@@ -34,7 +34,7 @@ def frame_sample(trainer: Trainer, labels: list[str]) -> dict[str, np.ndarray]:
     stride = max(1, math.ceil(max(totals.values()) / trainer.config.max_sample_frames))
     try:
         samples = trainer.backend.map(
-            _sample_task, list(zip(trainer.shards, starts_per_shard, strict=True)), stride
+            _sample_task, list(zip(trainer.sources, starts_per_shard, strict=True)), stride
         )
     except JobsFailed as failed:
         raise trainer.job_failure(failed, "init", 0, f"emdist init pass 0: sample every "
@@ -46,9 +46,9 @@ def frame_sample(trainer: Trainer, labels: list[str]) -> dict[str, np.ndarray]:
     return {key: np.concatenate(merged[key]) for key in labels}
 
 
-def _sample_task(item: tuple[Shard, tuple[int, ...]], stride: int) -> dict[str, np.ndarray]:
-    shard, starts = item
-    return sample_shard(shard, stride, starts)
+def _sample_task(item: tuple, stride: int) -> dict[str, np.ndarray]:
+    source, starts = item
+    return sample_shard(source, stride, starts)
 
 
 def init_kmeans(trainer: Trainer, labels: list[str]) -> dict[str, GMM]:

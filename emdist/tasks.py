@@ -121,6 +121,12 @@ def iter_frames(source: Shard | LoadedShard) -> Iterator[tuple[str, np.ndarray]]
         yield key, source.read(utt)
 
 
+def hold(shard: Shard) -> Shard:
+    """A shard's description, kept on a worker once (``Backend.keep``): streamed passes then
+    send a reference, not the list of its utterances (tens of MB for a large corpus)."""
+    return shard
+
+
 def load_shard(shard: Shard) -> LoadedShard:
     """Read a shard once, to keep it in worker memory (``--feature-cache memory``)."""
     with one_blas_thread():
@@ -223,15 +229,25 @@ def reduce_group(*results: tuple[StatsMap, list[JobReport]]) -> tuple[StatsMap, 
     return stats, reports
 
 
-def sample_shard(shard: Shard, stride: int, starts: tuple[int, ...]) -> dict[str, np.ndarray]:
+def sample_shard(source: Shard | LoadedShard, stride: int,
+                 starts: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Every ``stride``-th frame of each label's stream; ``starts`` are the utterances'
-    positions in that stream, so the sample does not depend on the sharding."""
+    positions in that stream, so the sample does not depend on the sharding. A cached
+    shard is sampled in memory: its frames of a label are consecutive in that stream."""
     with one_blas_thread():
+        shard = _shard_of(source)
+        if isinstance(source, LoadedShard):
+            first = {}
+            for key, start in zip(shard.keys, starts, strict=True):
+                first.setdefault(key, start)
+            return {key: np.array(frames[(-first[key]) % stride :: stride], dtype=np.float64)
+                    for key, frames in source.frames.items()}
         pieces: dict[str, list[np.ndarray]] = {}
         for utt, key, start in zip(shard.utts, shard.keys, starts, strict=True):
             feats = shard.read(utt)
-            first = (-start) % stride
-            pieces.setdefault(key, []).append(np.array(feats[first::stride], dtype=np.float64))
+            first_frame = (-start) % stride
+            pieces.setdefault(key, []).append(
+                np.array(feats[first_frame::stride], dtype=np.float64))
         return {k: np.concatenate(v) for k, v in sorted(pieces.items())}
 
 

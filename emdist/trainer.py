@@ -18,7 +18,7 @@ from emdist.expdir import ExpDir
 from emdist.gmm import GMM
 from emdist.mstep import MStepOptions, UpdateReport, m_step
 from emdist.stats import StatsMap
-from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, select_shard
+from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, select_shard
 
 if TYPE_CHECKING:
     from emdist.engine import IterationRecord, TrainConfig
@@ -122,14 +122,18 @@ class Trainer:
         if self.cache_mode == "memory":
             self._selected, self._sources = kept, None  # the block-ordered copy replaces it
         else:
-            self._selected = [(shard, sel) for shard, sel in zip(self.shards, kept, strict=True)]
+            self._selected = [(src, sel) for src, sel in zip(self.sources, kept, strict=True)]
 
     @property
     def sources(self) -> list:
-        """What E-step tasks read: the shards, or their cached copies in (worker) memory."""
+        """What E-step tasks read: the shards' cached copies in (worker) memory, or, when
+        they stream, the shards' descriptions, kept on the workers so that a pass sends
+        references only."""
         if self._sources is None:
-            cached = self.cache_mode == "memory"
-            self._sources = self.backend.cache(self.shards) if cached else list(self.shards)
+            if self.cache_mode == "memory":
+                self._sources = self.backend.cache(self.shards)
+            else:
+                self._sources = self.backend.keep(hold, self.shards)
         elif self.cache_mode == "memory":
             self._sources = self.backend.rebalance(self._sources)
         return self._sources

@@ -330,3 +330,37 @@ def test_trainings_in_a_row_on_one_backend_use_their_own_data(threads, root):
         train_tiny(data, root / f"row-{seed}-serial", feature_cache="none", nj=2)
         train_tiny(data, root / f"row-{seed}-dask", backend=threads, feature_cache="memory", nj=2)
         assert model_bytes(root / f"row-{seed}-dask") == model_bytes(root / f"row-{seed}-serial")
+
+
+def test_sample_of_a_cached_shard_is_the_sample_read_from_disk(data):
+    """The k-means++ sample is taken in memory from cached shards: the same frames."""
+    from emdist.tasks import sample_shard
+
+    shards = make_shards(data, 3, global_mode=False)
+    totals: dict[str, int] = {}
+    for shard in shards:
+        starts = []
+        for utt, key in zip(shard.utts, shard.keys, strict=True):
+            starts.append(totals.get(key, 0))
+            totals[key] = totals.get(key, 0) + utt.num_frames
+        for stride in (1, 3, 7):
+            from_disk = sample_shard(shard, stride, tuple(starts))
+            in_memory = sample_shard(load_shard(shard), stride, tuple(starts))
+            assert sorted(from_disk) == sorted(in_memory)
+            for key in from_disk:
+                np.testing.assert_array_equal(in_memory[key], from_disk[key])
+
+
+@pytest.mark.timeout(60)
+def test_streamed_passes_send_references_to_kept_shards(threads, data):
+    """Streamed shards are kept on the workers once: passes send futures, not utterance
+    lists (tens of MB per pass for a large corpus)."""
+    from distributed import Future
+
+    from emdist.trainer import Trainer
+
+    trainer = Trainer(make_shards(data, 4, global_mode=False), data.dim,
+                      tiny_config(nj=4), threads, None, feature_cache="none")
+    assert trainer.cache_mode == "none"
+    assert all(isinstance(s, Future) for s in trainer.sources)
+    assert [s.result().index for s in trainer.sources] == [0, 1, 2, 3]

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dask
-from distributed import Client, LocalCluster, as_completed, wait
+from distributed import Client, Future, LocalCluster, as_completed, wait
 from distributed.client import FutureCancelledError
 
 from emdist.backends import forkserver
@@ -78,6 +78,14 @@ def _nbytes(value) -> int:
         return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     nbytes = getattr(value, "nbytes", 0)
     return nbytes if isinstance(nbytes, int) else 0
+
+
+def _placement(source, j: int, workers: list[str]) -> dict:
+    """Where the j-th kept result goes: next to its source when that is on the cluster
+    already, otherwise round robin over the workers (any of them if that one is gone)."""
+    if isinstance(source, Future) or not workers:
+        return {}
+    return {"workers": [workers[j % len(workers)]], "allow_other_workers": True}
 
 
 def _readable(paths: list[str]) -> list[str]:
@@ -255,9 +263,11 @@ class DaskBackend:
         name = getattr(func, "__name__", "task")
         held = [self.client.submit(_identity, a, key=f"{name}-arg{i}-{self._token}-{self._call}",
                                    pure=False) for i, a in enumerate(args)]
+        workers = sorted(self._workers())
         futures = [
             self.client.submit(func, source, *held, retries=RETRIES, pure=False,
-                               key=f"{name}-{self._token}-{self._call}-{j}")
+                               key=f"{name}-{self._token}-{self._call}-{j}",
+                               **_placement(source, j, workers))
             for j, source in enumerate(sources)
         ]
         self._wait(futures, on_done)
