@@ -11,7 +11,6 @@ same bytes as ``--workers 0``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -37,17 +36,7 @@ from emdist.recognizer import evaluate
 TINY = ["--num-gauss", "2", "--num-iters", "2", "--kmeans-iters", "2", "--nj", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points emdist's loggers at the runner's (then closed) stderr: undo it."""
-    saved = [
-        (lg, lg.handlers[:], lg.level, lg.propagate)
-        for lg in map(logging.getLogger, ("emdist", "py.warnings"))
-    ]
-    yield
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
-    logging.captureWarnings(False)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,7 @@ from hypothesis import strategies as st
 from kaldi_text import read_gmm
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
-from threadpoolctl import threadpool_limits
 
-import emdist
-from emdist.datadir import load_feats
 from emdist.errors import EmdistError
 from emdist.estep import EStepOptions, accumulate
 from emdist.gmm import GMM, expand_features
@@ -34,11 +31,7 @@ COV_TYPES = ("diag", "full")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """As emdist's backends do: one BLAS thread (much faster on a loaded 2-core runner)."""
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def random_gmm(rng: np.random.Generator, k: int, d: int, cov_type: str) -> GMM:
@@ -310,13 +303,6 @@ def test_hard_stats_are_nearest_centre_assignments(synthetic, cov_type):
 
 # ---------------------------------------------------------------------------------------
 # the float32 fast path on real features
-
-
-@pytest.fixture(scope="module")
-def digits_frames() -> np.ndarray:
-    """All frames of the bundled digits train set, float32 (N, 39), in feats.scp order."""
-    data = emdist.load_data_dir(emdist.digits_dir("train"))
-    return np.concatenate([load_feats(u.rxfilename) for u in data.utts])
 
 
 def fit_few_steps(frames: np.ndarray, k: int, cov_type: str, iters: int = 4) -> GMM:

@@ -16,7 +16,6 @@ import kaldiio
 import numpy as np
 import pytest
 from scipy.special import logsumexp
-from threadpoolctl import threadpool_limits
 
 import emdist
 from emdist.backends.serial import SerialBackend
@@ -31,17 +30,12 @@ from emdist.initialize import kmeans_plus_plus
 from emdist.kernel import expand_features
 from emdist.mstep import MStepOptions, m_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
-    data = emdist.load_data_dir(emdist.digits_dir("train"))
-    return np.concatenate([load_feats(u.rxfilename) for u in data.utts])
+def frames(digits_frames) -> np.ndarray:
+    return digits_frames
 
 
 @pytest.fixture(scope="module")

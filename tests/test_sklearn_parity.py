@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
-from threadpoolctl import threadpool_limits
 
 import emdist
 from emdist.datadir import load_feats
@@ -28,11 +27,7 @@ ITERATIONS = (1, 5, 20)
 RTOL = 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """As emdist's backends do: one BLAS thread (much faster on a loaded 2-core runner)."""
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

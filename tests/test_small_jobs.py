@@ -40,17 +40,7 @@ TINY = ["--num-gauss", "2", "--cov", "diag", "--num-iters", "2", "--init", "kmea
         "--kmeans-iters", "1", "--nj", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points emdist's loggers at the runner's (then closed) stderr: undo it."""
-    saved = [
-        (lg, lg.handlers[:], lg.level, lg.propagate)
-        for lg in map(logging.getLogger, ("emdist", "py.warnings"))
-    ]
-    yield
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
-    logging.captureWarnings(False)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def invoke(*args):

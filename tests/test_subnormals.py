@@ -17,13 +17,11 @@ from collections import Counter
 import numpy as np
 import pytest
 from scipy.special import logsumexp
-from threadpoolctl import threadpool_limits
 
 import emdist
 import emdist.estep
 import emdist.gselect
 import emdist.kernel
-from emdist.datadir import load_feats
 from emdist.estep import Accumulator, EStepOptions, accumulate, make_kernel
 from emdist.gmm import GMM
 from emdist.initialize import kmeans_plus_plus
@@ -33,17 +31,12 @@ from emdist.mstep import MStepOptions, m_step
 CASES = [("diag", 32), ("full", 8)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
-    """All 18,593 frames of the bundled digits train set (real 39-dim MFCC), float32."""
-    data = emdist.load_data_dir(emdist.digits_dir("train"))
-    return np.concatenate([load_feats(u.rxfilename) for u in data.utts])
+def frames(digits_frames) -> np.ndarray:
+    return digits_frames
 
 
 @pytest.fixture(scope="module")
