@@ -203,7 +203,8 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
     starts, ustarts, chunks = sel.block_starts, sel.union_starts, sel.chunks
     unions = np.split(sel.unions, ustarts[1:-1])  # one view per block
     lens = np.diff(starts)
-    sizes = np.diff(ustarts) * lens
+    sizes = np.diff(ustarts) * lens  # each block's (|U|, B) matrix, stacked per chunk
+    area = np.cumsum(sizes) - sizes
     spans = [(int(starts[chunks[c + 1]] - starts[chunks[c]]),
               int(sizes[chunks[c] : chunks[c + 1]].sum())) for c in range(len(chunks) - 1)]
     rows = Rows(kernel, max([1, *(f for f, _ in spans)]))
@@ -217,14 +218,13 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
         rows.expand(n)
         frames_t = rows.block(n)
         loglike += rows.offset_sum(n)
-        base = np.concatenate([[0], np.cumsum(sizes[first:last])])
         blocks = []
         for j in range(first, last):  # per block: the product over its union only
             lo, hi, union = starts[j] - s, starts[j + 1] - s, unions[j]
-            area = slice(base[j - first], base[j - first + 1])
+            at = slice(area[j] - area[first], area[j] - area[first] + sizes[j])
             np.matmul(kernel.fast.take(union, axis=0), frames_t[:, lo:hi],
-                      out=scores[area].reshape(len(union), hi - lo))
-            blocks.append((len(union), area, lo, hi))
+                      out=scores[at].reshape(len(union), hi - lo))
+            blocks.append((len(union), at, lo, hi))
         flat = sel.positions[s : s + n].T * sel.stride[s : s + n]  # each frame's N scores
         flat += sel.column[s : s + n]
         chosen = scores.take(flat)  # (N, n)
@@ -234,10 +234,10 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
         if count_flushed:
             flushed += chosen.size - int(np.count_nonzero(chosen))
         chosen *= np.reciprocal(total)
-        scores[: base[-1]] = 0.0  # the block matrices become the posteriors
+        scores[: spans[c][1]] = 0.0  # the block matrices become the posteriors
         scores[flat] = chosen
-        for j, (size, area, lo, hi) in zip(range(first, last), blocks, strict=True):
-            moments[unions[j]] += np.matmul(scores[area].reshape(size, hi - lo),
+        for j, (size, at, lo, hi) in zip(range(first, last), blocks, strict=True):
+            moments[unions[j]] += np.matmul(scores[at].reshape(size, hi - lo),
                                             frames_t[:, lo:hi].T)
     e = expanded_width(kernel.dim, kernel.covariance_type)
     return stats_from_moments(moments[:, : 1 + e], kernel, loglike, len(ordered)), flushed
