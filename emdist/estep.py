@@ -90,13 +90,13 @@ class Accumulator:
         self.hard = hard
         self.count_flushed = count_flushed
         self._rows = Rows(kernel, chunk_size)
-        shape = (chunk_size, kernel.n_components) if hard else (kernel.n_components, chunk_size)
-        self._log_like = np.empty(shape, dtype=kernel.dtype)
+        frames_by = (chunk_size, kernel.n_components)  # hard: argmax along contiguous rows
+        self._log_like = np.empty(frames_by if hard else frames_by[::-1], dtype=kernel.dtype)
         self._fill = 0
         # (K, P), or (P, K) when P >= K: the orientation in which the product runs faster
         self._wide = kernel.width >= kernel.n_components and not hard
-        shape = (kernel.width, kernel.n_components)
-        self._moments = np.zeros(shape if self._wide else shape[::-1])
+        wide = (kernel.width, kernel.n_components)
+        self._moments = np.zeros(wide if self._wide else wide[::-1])
         self._loglike = 0.0
         self._frames = 0
         self.flushed = 0

@@ -86,6 +86,13 @@ class Selection:
         return float(np.mean(np.diff(self.union_starts))) if len(self.union_starts) > 1 else 0.0
 
 
+def kept_bytes_per_frame(n_select: int, n_components: int) -> int:
+    """Memory a kept selection takes per frame: its positions (int16, or int32 past 32767
+    Gaussians), its place in block order (int64) and its score stride and column (int32)."""
+    position = 2 if n_components <= np.iinfo(np.int16).max else 4
+    return n_select * position + 8 + 4 + 4
+
+
 def top_n(kernel: Kernel, frames: np.ndarray, n_select: int, chunk_size: int) -> np.ndarray:
     """Each frame's ``n_select`` best Gaussians by log-likelihood, best first: (T, N)."""
     k = kernel.n_components

@@ -170,13 +170,14 @@ def select_shard(source: Shard | LoadedShard, models: Mapping[str, GMM],
 
 def _acc_selected(source, models: Mapping[str, GMM], options: EStepOptions):
     """Statistics of a ``--global`` shard over each frame's selected Gaussians."""
-    if isinstance(source, SelectedShard):
-        ordered, selection = source.frames, source.selection
-    else:  # streamed: read the shard, then put its frames in block order
-        shard, selection = source
-        ordered = _global_frames(shard)[selection.order]
-    stats, _ = accumulate_selected(make_kernel(models[GLOBAL_LABEL], options), ordered,
-                                   selection)
+    with one_blas_thread():
+        if isinstance(source, SelectedShard):
+            ordered, selection = source.frames, source.selection
+        else:  # streamed: read the shard, then put its frames in block order
+            shard, selection = source
+            ordered = _global_frames(shard)[selection.order]
+        stats, _ = accumulate_selected(make_kernel(models[GLOBAL_LABEL], options), ordered,
+                                       selection)
     line = (f"gselect: {selection.n_select} of {selection.n_components} Gaussians per frame, "
             f"{selection.mean_union:.0f} per block of frames on average")
     return {GLOBAL_LABEL: stats}, line
@@ -194,8 +195,7 @@ def acc_shard(
     start = time.time()
     extra: tuple[str, ...] = ()
     if isinstance(source, SelectedShard | tuple):
-        with one_blas_thread():
-            stats, line = _acc_selected(source, models, options)
+        stats, line = _acc_selected(source, models, options)
         extra = (line,)
     else:
         stats = _acc_plain(source, models, options, hard)

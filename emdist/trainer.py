@@ -16,6 +16,7 @@ from emdist.errors import RuntimeFailure, UserError
 from emdist.estep import EStepOptions
 from emdist.expdir import ExpDir
 from emdist.gmm import GMM
+from emdist.gselect import kept_bytes_per_frame
 from emdist.mstep import MStepOptions, UpdateReport, m_step
 from emdist.stats import StatsMap
 from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, select_shard
@@ -97,8 +98,9 @@ class Trainer:
         self.exp = exp
         self.on_record = on_record
         self.progress = progress or NoProgress()
-        # float32 features, plus a kept Gaussian selection (int16 per Gaussian, order)
-        per_frame = dim * 4 + (2 * config.gselect + 8 if config.selects else 0)
+        # float32 features, plus a kept Gaussian selection
+        per_frame = dim * 4 + (kept_bytes_per_frame(config.gselect, config.num_gauss)
+                               if config.selects else 0)
         n_bytes = sum(s.num_frames for s in shards) * per_frame
         self.cache_mode = cache_mode(feature_cache, n_bytes, backend.memory_capacity())
         self._sources: list | None = None
