@@ -18,6 +18,7 @@ which worker ran.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,18 +55,31 @@ class EStepOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
+_KERNELS: weakref.WeakKeyDictionary[GMM, dict[str, Kernel]] = weakref.WeakKeyDictionary()
+
+
 def make_kernel(model: GMM, options: EStepOptions) -> Kernel:
-    """The model's kernel in the options' precision.
+    """The model's kernel in the options' precision, built once per model and precision.
 
     In float32 the frames are centred near the model's mean (``Σ w_k μ_k`` on a grid of
     2⁻¹⁰, see :func:`emdist.kernel.grid_shift`) and a common offset is taken out of the
     constants, so that the expanded products do not cancel; in float64 the plain products
     are used.
+
+    Models are immutable (read-only arrays), so a kernel is kept while its model lives:
+    the shards of one pass that a process runs share it (one Cholesky factorisation per
+    Gaussian and pass, not one per shard).
     """
-    if options.dtype == "float64":
-        return model.kernel(np.float64)
-    return Kernel.from_gmm(model, np.float32, shift=grid_shift(model.weights @ model.means),
-                           common_offset=True)
+    kernels = _KERNELS.setdefault(model, {})
+    kernel = kernels.get(options.dtype)
+    if kernel is None:
+        if options.dtype == "float64":
+            kernel = model.kernel(np.float64)
+        else:
+            kernel = Kernel.from_gmm(model, np.float32, common_offset=True,
+                                     shift=grid_shift(model.weights @ model.means))
+        kernels[options.dtype] = kernel
+    return kernel
 
 
 class Accumulator:
@@ -89,9 +103,11 @@ class Accumulator:
         self.kernel = kernel
         self.hard = hard
         self.count_flushed = count_flushed
-        self._rows = Rows(kernel, chunk_size)
-        frames_by = (chunk_size, kernel.n_components)  # hard: argmax along contiguous rows
-        self._log_like = np.empty(frames_by if hard else frames_by[::-1], dtype=kernel.dtype)
+        self.chunk_size = chunk_size
+        # Buffers for as many frames as were pushed, up to a chunk: a model that sees a few
+        # hundred frames (a word of a small shard) does not allocate and zero a whole chunk.
+        self._rows = Rows(kernel, min(chunk_size, 64))
+        self._log_like = self._scores(self._rows.capacity)
         self._fill = 0
         # (K, P), or (P, K) when P >= K: the orientation in which the product runs faster
         self._wide = kernel.width >= kernel.n_components and not hard
@@ -102,9 +118,16 @@ class Accumulator:
         self.flushed = 0
         """Posteriors flushed to zero so far (with ``count_flushed``)."""
 
-    @property
-    def chunk_size(self) -> int:
-        return self._rows.capacity
+    def _scores(self, capacity: int) -> np.ndarray:
+        k = self.kernel.n_components  # hard: (n, K), argmax along contiguous rows
+        return np.empty((capacity, k) if self.hard else (k, capacity), dtype=self.kernel.dtype)
+
+    def _grow(self, frames: int) -> None:
+        """Room for ``frames`` buffered frames (at most a chunk), keeping those buffered."""
+        capacity = min(self.chunk_size, max(frames, 2 * self._rows.capacity))
+        rows = Rows(self.kernel, capacity)
+        rows.data[:, : self._fill] = self._rows.data[:, : self._fill]
+        self._rows, self._log_like = rows, self._scores(capacity)
 
     def push(self, frames: np.ndarray) -> None:
         """Add frames of shape (N, D); full chunks are processed at once."""
@@ -112,6 +135,8 @@ class Accumulator:
         n = len(frames)
         while pos < n:
             take = min(self.chunk_size - self._fill, n - pos)
+            if self._fill + take > self._rows.capacity:
+                self._grow(self._fill + take)
             block = self._rows.data[1 : 1 + self.kernel.dim, self._fill : self._fill + take]
             block[...] = frames[pos : pos + take].T
             self._fill += take

@@ -25,6 +25,10 @@ from emdist.estep import stats_from_moments
 from emdist.kernel import LN2, Kernel, Rows, check_finite, expanded_width, posteriors_of
 
 DEFAULT_BLOCK_SIZE = 256
+PLAN_CHUNK = 4096
+"""Frames of a chunk of the plan, at least (expanded and normalised together): per-chunk
+costs (the gather and scatter of each frame's N scores, the posterior passes) are fixed
+costs per call, and at 4096 frames a chunk's block matrices still fit in L2."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,7 +180,7 @@ def select(kernel: Kernel, frames: np.ndarray, n_select: int, chunk_size: int = 
            block_size: int = DEFAULT_BLOCK_SIZE) -> Selection:
     """Gaussian selection of ``frames`` (T, D) under ``kernel``'s model, with its plan."""
     indices = top_n(kernel, frames, n_select, chunk_size)
-    return plan(indices, kernel.n_components, block_size, chunk_size)
+    return plan(indices, kernel.n_components, block_size, max(chunk_size, PLAN_CHUNK))
 
 
 def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selection,
@@ -232,8 +236,9 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
             np.matmul(kernel.fast.take(union, axis=0), frames_t[:, lo:hi],
                       out=scores[at].reshape(len(union), hi - lo))
             blocks.append((len(union), at, lo, hi))
-        flat = sel.positions[s : s + n].T * sel.stride[s : s + n]  # each frame's N scores
-        flat += sel.column[s : s + n]
+        flat = sel.positions[s : s + n].T.astype(np.intp)  # each frame's N scores
+        flat *= sel.stride[s : s + n]  # (intp indices: numpy converts any other kind on
+        flat += sel.column[s : s + n]  # every take and store)
         chosen = scores.take(flat)  # (N, n)
         top, total = posteriors_of(chosen)
         loglike += LN2 * float(top.sum(dtype=np.float64) +

@@ -9,6 +9,7 @@ tests prove.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from emdist.errors import EmdistError
-from emdist.estep import EStepOptions, accumulate
+from emdist import estep
+from emdist.estep import Accumulator, EStepOptions, accumulate, make_kernel
 from emdist.gmm import GMM, expand_features
 from emdist.initialize import centres_model, kmeans_plus_plus
 from emdist.mstep import MStepOptions, m_step
@@ -232,6 +234,44 @@ def test_chunking_changes_nothing_beyond_roundoff(synthetic, cov_type):
         assert_stats_close(stats, arrays, mags, rtol=1e-12)
         assert stats.frames == ref.frames
         np.testing.assert_allclose(stats.loglike, ref.loglike, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+@pytest.mark.parametrize("hard", [False, True])
+def test_pushing_frames_in_pieces_gives_the_same_bits(synthetic, cov_type, hard):
+    """The accumulator's buffers start small and grow with what is pushed (up to a chunk);
+    chunks are still cut every chunk_size frames of the stream, so the pieces frames come
+    in, and the buffer sizes they lead to, change no bit."""
+    model, frames = synthetic[cov_type]
+    options = EStepOptions(chunk_size=300)
+    whole = accumulate(model, frames, options, hard=hard)
+    kernel = make_kernel(model, options)
+    for cuts in ([1, 2, 40, 41, 700], [299, 300, 301, 900], list(range(5, len(frames), 97))):
+        acc = Accumulator(kernel, model.dim, options.chunk_size, hard=hard)
+        for a, b in itertools.pairwise([0, *cuts, len(frames)]):
+            acc.push(frames[a:b])
+        stats = acc.finish()
+        for name in ("zeroth", "first", "second"):
+            np.testing.assert_array_equal(getattr(stats, name), getattr(whole, name))
+        assert (stats.loglike, stats.frames) == (whole.loglike, whole.frames)
+
+
+def test_kernels_are_built_once_per_model_and_precision(synthetic):
+    """Shards of one pass in one process share their models' kernels; a new model (the
+    next iteration's) gets its own, and a model's kernels go when the model goes."""
+    model, frames = synthetic["full"]
+    f64, f32 = EStepOptions(), EStepOptions(dtype="float32")
+    kernel = make_kernel(model, f64)
+    assert make_kernel(model, f64) is kernel
+    assert make_kernel(model, f32) is not kernel
+    assert make_kernel(model, f32).dtype == np.float32
+    twin = GMM(model.weights, model.means, model.covariances, model.covariance_type)
+    assert make_kernel(twin, f64) is not kernel
+    np.testing.assert_array_equal(make_kernel(twin, f64).fast, kernel.fast)
+    held = len(estep._KERNELS)
+    del twin
+    gc.collect()
+    assert len(estep._KERNELS) == held - 1
 
 
 def add_all(pieces: list[GmmStats], zero: GmmStats) -> GmmStats:
