@@ -21,8 +21,8 @@ from kaldi_text import read_gmm
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from emdist.errors import EmdistError
 from emdist import estep
+from emdist.errors import EmdistError
 from emdist.estep import Accumulator, EStepOptions, accumulate, make_kernel
 from emdist.gmm import GMM, expand_features
 from emdist.initialize import centres_model, kmeans_plus_plus
