@@ -145,7 +145,8 @@ def _check_backend_args(workers: int | None, scheduler: str | None,
 
 
 def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | None,
-             wait_workers: int, wait_timeout: float, dashboard_address: str | None = None):
+             wait_workers: int, wait_timeout: float, dashboard_address: str | None = None,
+             short_pass: float = 0.0):
     if scheduler or scheduler_file:
         from emdist.backends.dask_backend import DaskBackend
 
@@ -156,6 +157,14 @@ def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | 
         from emdist.backends.serial import SerialBackend
 
         return SerialBackend()
+    from emdist.backends.starting import StartingCluster
+
+    return StartingCluster(lambda: _start_local(n, dashboard_address), n, short_pass)
+
+
+def _start_local(n: int, dashboard_address: str | None = None):
+    """An embedded LocalCluster of ``n`` workers (run in the background by
+    :class:`emdist.backends.starting.StartingCluster`); says once when ``n`` exceeds the cores."""
     import time
 
     from emdist.backends.dask_backend import DaskBackend
@@ -205,6 +214,10 @@ WaitTimeout = Annotated[float, typer.Option(help="Seconds to wait for the schedu
 Dashboard = Annotated[str | None, typer.Option(
     help="Serve the embedded cluster's dashboard at this address (e.g. 127.0.0.1:8787; "
     "needs bokeh). [default: no dashboard]", show_default=False)]
+ShortPass = Annotated[float, typer.Option(
+    help="With --workers on a small corpus: passes run in process until one takes this many "
+    "seconds, and while the workers start; 0 starts them at once and runs every pass on "
+    "them.", min=0.0)]
 Nj = Annotated[int, typer.Option(help="Number of shards (jobs); independent of --workers.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
@@ -265,6 +278,7 @@ def train(
         help="Keep shards in worker memory across iterations, stream them from disk each "
         "time, or cache when they fit in half the workers' memory.")] = FeatureCache.auto,
     dashboard_address: Dashboard = None,
+    short_pass: ShortPass = 0.2,
     stage: Annotated[int | None, typer.Option(help="Restart from STAGE.mdl.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start afresh: remove what an earlier run "
                                              "wrote in EXP_DIR.")] = False,
@@ -287,7 +301,7 @@ def train(
         reg_covar=reg_covar,
     )
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout,
-                    dashboard_address)
+                    dashboard_address, short_pass)
     run = dict(stage=stage, overwrite=overwrite, feature_cache=feature_cache.value, quiet=quiet)
     _run(verbose, _train, data_dir, exp_dir, options, estep, mstep, backend_args, run)
 
@@ -351,6 +365,7 @@ def test_(
     scheduler_file: SchedulerFile = None,
     wait_workers: WaitWorkers = 1,
     wait_timeout: WaitTimeout = 60.0,
+    short_pass: ShortPass = 0.2,
     nj: Nj = 8,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -361,7 +376,8 @@ def test_(
     and the mean per frame printed (%LOGLIKE).
     """
     _setup_logging(verbose, quiet)
-    backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout)
+    backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout, None,
+                    short_pass)
     _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj)
 
 

@@ -314,7 +314,8 @@ def test_workers_2_matches_workers_0_byte_for_byte(tmp_path):
     assert serial_test.exit_code == 0, serial_test.output
 
     exp = tmp_path / "exp2"
-    proc = run([*emdist_command(), "train", train_dir, exp, "--workers", "2", *options], tmp_path)
+    proc = run([*emdist_command(), "train", train_dir, exp, "--workers", "2", "--short-pass", "0",
+                *options], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.pid not in _job_pids(exp)  # the E-steps ran in worker processes
@@ -322,7 +323,8 @@ def test_workers_2_matches_workers_0_byte_for_byte(tmp_path):
     assert model_bytes(exp) == model_bytes(tmp_path / "exp0")
     assert model_bytes(exp, 0) == model_bytes(tmp_path / "exp0", 0)
 
-    proc = run([*emdist_command(), "test", exp, test_dir, "--workers", "2"], tmp_path)
+    proc = run([*emdist_command(), "test", exp, test_dir, "--workers", "2", "--short-pass", "0"],
+               tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((exp / "decode_digits-test" / "results.json").read_text())
     _check_results(results, test_dir)

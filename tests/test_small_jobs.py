@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -26,12 +27,15 @@ from typer.testing import CliRunner
 
 import emdist.backends.dask_backend as dask_backend
 import emdist.cli as cli
+from emdist.backends import starting
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
+from emdist.backends.starting import StartingCluster
 from emdist.datadir import load_data_dir
 from emdist.engine import TrainConfig, make_shards, train
 from emdist.errors import RuntimeFailure
 from emdist.estep import EStepOptions
+from emdist.expdir import ExpDir
 from emdist.tasks import acc_shard
 
 psutil = pytest.importorskip("psutil")
@@ -146,7 +150,7 @@ def test_more_workers_than_cores_warns_once(monkeypatch, workers, cores, warned)
     logger = logging.getLogger("emdist")
     logger.addHandler(collect)
     try:
-        backend = cli._backend(workers, None, None, 1, 1.0)
+        backend = cli._start_local(workers)
     finally:
         logger.removeHandler(collect)
     assert backend.n == workers
@@ -167,13 +171,133 @@ def test_oversubscribed_cluster_warns_once_and_gives_the_serial_bytes(monkeypatc
     serial = invoke("train", data, tmp_path / "exp0", "--workers", "0", *TINY)
     assert serial.exit_code == 0, serial.output
     monkeypatch.setattr(cli, "_default_workers", lambda: 2)
-    result = invoke("train", data, tmp_path / "exp3", "--workers", "3", *TINY)
+    result = invoke("train", data, tmp_path / "exp3", "--workers", "3", "--short-pass", "0",
+                    *TINY)
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if "CPU core" in line]
     assert len(warnings) == 1, result.stderr
     assert warnings[0].startswith("emdist: --workers 3 on 2 CPU cores: 3 worker processes")
     assert model_bytes(tmp_path / "exp3") == model_bytes(tmp_path / "exp0")
     assert model_bytes(tmp_path / "exp3", 0) == model_bytes(tmp_path / "exp0", 0)
+
+
+# -- where passes run: in process while passes are short or the workers start ----------------
+
+
+class Starts:
+    """A ``start`` for :class:`StartingCluster`: counts calls, waits for ``go`` (set by the
+    test), then starts a LocalCluster of threads (or raises ``error``)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls = 0
+        self.go = threading.Event()
+        self.error = error
+
+    def __call__(self):
+        self.calls += 1
+        self.go.wait(30)
+        if self.error is not None:
+            raise self.error
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                               dashboard_address=None, silence_logs=logging.WARNING)
+        return DaskBackend(Client(cluster), cluster)
+
+
+class GoAt:
+    """A progress sink that lets the cluster start once pass ``stage`` begins, and holds
+    that pass back until the cluster is up."""
+
+    def __init__(self, starts: Starts, stage: str, backend: StartingCluster) -> None:
+        self.starts, self.stage, self.backend = starts, stage, backend
+
+    def start(self, title: str, total: int, frames: int) -> None:
+        if title == self.stage:
+            self.starts.go.set()
+            self.backend._starting.result(timeout=30)
+
+    def advance(self, frames: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+SMALL_CONFIG = TrainConfig(num_gauss=2, covariance_type="full", num_iters=3, nj=3)
+
+
+@pytest.fixture(scope="module")
+def serial_exp(data_dir, tmp_path_factory) -> Path:
+    exp = tmp_path_factory.mktemp("serial")
+    train(load_data_dir(data_dir), SMALL_CONFIG, SerialBackend(), ExpDir(exp))
+    return exp
+
+
+def _train_on(backend, data_dir, exp: Path, progress=None) -> None:
+    try:
+        train(load_data_dir(data_dir), SMALL_CONFIG, backend, ExpDir(exp), progress=progress)
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(60)
+def test_short_passes_never_start_the_cluster(data_dir, serial_exp, tmp_path, caplog):
+    starts = Starts()
+    backend = StartingCluster(starts, 2, short_pass=60.0)
+    with caplog.at_level(logging.INFO, logger="emdist"):
+        _train_on(backend, data_dir, tmp_path)
+    assert starts.calls == 0 and backend.passes_in_process > 0
+    assert model_bytes(tmp_path) == model_bytes(serial_exp)
+    assert any(r.getMessage().startswith(f"all {backend.passes_in_process} passes ran in "
+                                         "process") for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_workers_take_over_once_up_with_the_serial_bytes(data_dir, serial_exp, tmp_path):
+    # the first pass is long enough (1 ns) to start the cluster; it comes up as "acc 1"
+    # begins, so the passes before that ran in process and the later ones on the cluster
+    starts = Starts()
+    backend = StartingCluster(starts, 2, short_pass=1e-9)
+    _train_on(backend, data_dir, tmp_path, GoAt(starts, "acc 1", backend))
+    assert starts.calls == 1
+    assert backend.passes_in_process >= 2  # the k-means passes and "acc 0" at least
+    assert backend._cluster is not None and backend._cluster._call > 0
+    assert backend._in_driver is None  # the driver's copy of the shards was dropped
+    assert model_bytes(tmp_path) == model_bytes(serial_exp)
+    for i in range(SMALL_CONFIG.num_iters):
+        assert model_bytes(tmp_path, i) == model_bytes(serial_exp, i)
+
+
+@pytest.mark.timeout(60)
+def test_short_pass_0_runs_every_pass_on_the_workers(data_dir, serial_exp, tmp_path):
+    starts = Starts()
+    starts.go.set()
+    backend = StartingCluster(starts, 2, short_pass=0.0)
+    assert starts.go.is_set() and backend._starting is not None  # started at once
+    _train_on(backend, data_dir, tmp_path)
+    assert starts.calls == 1 and backend.passes_in_process == 0
+    assert model_bytes(tmp_path) == model_bytes(serial_exp)
+
+
+@pytest.mark.timeout(60)
+def test_a_large_corpus_waits_for_the_workers(data_dir, serial_exp, tmp_path, monkeypatch):
+    monkeypatch.setattr(starting, "IN_PROCESS_FRAMES", 10)
+    starts = Starts()
+    starts.go.set()
+    backend = StartingCluster(starts, 2, short_pass=60.0)
+    _train_on(backend, data_dir, tmp_path)
+    assert starts.calls == 1 and backend.passes_in_process == 0
+    assert model_bytes(tmp_path) == model_bytes(serial_exp)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_start_is_the_error_of_the_pass_that_needs_it(data_dir, tmp_path):
+    starts = Starts(RuntimeFailure("the cluster did not start"))
+    starts.go.set()
+    backend = StartingCluster(starts, 2, short_pass=0.0)
+    backend._starting.exception(timeout=30)  # the start has failed before the first pass
+    with pytest.raises(RuntimeFailure, match="did not start"):
+        _train_on(backend, data_dir, tmp_path)
+    assert not (tmp_path / "0.mdl").exists()
 
 
 # -- passes -------------------------------------------------------------------------------------
