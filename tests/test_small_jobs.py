@@ -11,10 +11,12 @@ with its only worker is redone; each ``cache()`` has its own keys.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -386,3 +388,21 @@ def test_small_values_travel_inside_tasks():
     assert all(inline(v) for v in (True, 3, 0.5, "x", None, EStepOptions(), (1, "a")))
     assert not any(inline(v) for v in ({"a": 1}, [1], np.zeros(3), tuple(range(20))))
     assert dask_backend._nbytes({"a": (np.zeros(4), [np.zeros((2, 2))])}) == 64
+
+
+@pytest.mark.timeout(120)
+def test_small_jobs_script_times_the_digits_job_and_finds_the_same_bytes(tmp_path):
+    """scripts/small_jobs.py (the README's small-job figures) runs the real console script;
+    timings are not judged here, only that every figure is there and the bytes agree."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "small_jobs.py"
+    out = tmp_path / "small.json"
+    proc = subprocess.run([sys.executable, str(script), "--workers", "0", "2", "--repeats", "1",
+                           "--json", str(out), "--", "--num-iters", "2"],
+                          capture_output=True, text=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["same_bytes"] is True
+    assert set(result["workers"]) == {"0", "2"}
+    row = result["workers"]["2"]
+    assert row["median_s"] > 0 and row["ratio"] > 0 and row["target"] == "<= 1.2"
+    assert isinstance(row["met"], bool)
