@@ -200,8 +200,9 @@ def _default_data(split: str) -> Path:
 
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", "-w", help="Worker processes of an embedded Dask LocalCluster; "
-                 "0 runs in process. [default: the number of CPU cores]", show_default=False),
+    typer.Option("--workers", "-w", help="Worker processes of an embedded Dask LocalCluster "
+                 "(started once passes are long enough, see --short-pass); 0 runs in process. "
+                 "[default: the number of CPU cores]", show_default=False),
 ]
 Scheduler = Annotated[
     str | None, typer.Option(help="Address of a running Dask scheduler (tcp:// or tls://).")
