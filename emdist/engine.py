@@ -11,14 +11,14 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 from emdist.backends.base import Backend
+from emdist.config import IterationRecord, TrainConfig
 from emdist.datadir import DataDir, parse_rxfilename
 from emdist.errors import EmdistWarning, UserError
-from emdist.estep import EStepOptions
 from emdist.expdir import ExpDir
-from emdist.gmm import COVARIANCE_TYPES, GMM
+from emdist.gmm import GMM
 from emdist.init_passes import INIT
 from emdist.mstep import MStepOptions
 from emdist.tasks import GLOBAL_LABEL, one_blas_thread
@@ -38,76 +38,6 @@ log = logging.getLogger("emdist")
 
 class LikelihoodDecreaseWarning(EmdistWarning):
     """The per-frame log-likelihood went down from one iteration to the next."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained model (and nothing that does not).
-
-    The number of workers and the backend are not here: they never change the result.
-    """
-
-    num_gauss: int = 4
-    covariance_type: str = "full"
-    num_iters: int = 10
-    init: str = "mixup"
-    nj: int = 8
-    global_mode: bool = False
-    seed: int = 0
-    tol: float = 0.0
-    kmeans_iters: int = 10
-    mixup_iters: int = 2
-    perturb_factor: float = 0.1
-    max_sample_frames: int = 200_000
-    gselect: int = 0
-    subsample: int = 1
-    estep: EStepOptions = field(default_factory=lambda: EStepOptions(dtype="float32"))
-    mstep: MStepOptions = field(default_factory=MStepOptions)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.num_gauss >= 1, "--num-gauss must be at least 1"),
-            (self.covariance_type in COVARIANCE_TYPES, "--cov must be 'diag' or 'full'"),
-            (self.num_iters >= 0, "--num-iters must be at least 0"),
-            (self.init in ("kmeans", "mixup"), "--init must be 'kmeans' or 'mixup'"),
-            (self.nj >= 1, "--nj must be at least 1"),
-            (self.tol >= 0, "--tol must not be negative"),
-            (self.kmeans_iters >= 0, "--kmeans-iters must not be negative"),
-            (self.mixup_iters >= 1, "--mixup-iters must be at least 1"),
-            (self.estep.dtype in ("float32", "float64"), "--precision: float32 or float64"),
-            (self.estep.chunk_size >= 1, "--chunk-size must be at least 1"),
-            (self.gselect >= 0, "--gselect must be 0 (off) or a number of Gaussians"),
-            (self.gselect == 0 or self.global_mode,
-             "--gselect selects Gaussians of one --global model (a UBM); add --global"),
-            (self.subsample >= 1, "--subsample must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def selects(self) -> bool:
-        """Gaussian selection is on and leaves some Gaussians out (else exact EM)."""
-        return 0 < self.gselect < self.num_gauss
-
-
-@dataclass(frozen=True)
-class IterationRecord:
-    """One line of ``metrics.jsonl``: the pass that turned ``iter-1``.mdl into ``iter``.mdl."""
-
-    iter: int
-    loglike_per_frame: float
-    frames: int
-    floored: int
-    removed: int
-    n_components: dict
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ConvergenceMonitor:

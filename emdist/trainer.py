@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from emdist.backends.base import Backend, JobsFailed
+from emdist.config import IterationRecord, TrainConfig
 from emdist.datadir import DataDir, split_by_frames
 from emdist.errors import RuntimeFailure, UserError
 from emdist.estep import EStepOptions
@@ -20,9 +21,6 @@ from emdist.gselect import kept_bytes_per_frame
 from emdist.mstep import MStepOptions, UpdateReport, m_step
 from emdist.stats import StatsMap
 from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, select_shard
-
-if TYPE_CHECKING:
-    from emdist.engine import IterationRecord, TrainConfig
 
 log = logging.getLogger("emdist")
 
