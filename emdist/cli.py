@@ -159,6 +159,8 @@ def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | 
         return SerialBackend()
     from emdist.backends.starting import StartingCluster
 
+    if dashboard_address:  # a cluster to watch: started at once, every pass on it
+        short_pass = 0.0
     return StartingCluster(lambda: _start_local(n, dashboard_address), n, short_pass)
 
 
@@ -214,7 +216,8 @@ WaitWorkers = Annotated[int, typer.Option(help="Workers to wait for on a remote 
 WaitTimeout = Annotated[float, typer.Option(help="Seconds to wait for the scheduler/workers.")]
 Dashboard = Annotated[str | None, typer.Option(
     help="Serve the embedded cluster's dashboard at this address (e.g. 127.0.0.1:8787; "
-    "needs bokeh). [default: no dashboard]", show_default=False)]
+    "needs bokeh); the cluster then starts at once and takes every pass. [default: no "
+    "dashboard]", show_default=False)]
 ShortPass = Annotated[float, typer.Option(
     help="With --workers on a small corpus: passes run in process until one takes this many "
     "seconds, and while the workers start; 0 starts them at once and runs every pass on "

@@ -241,6 +241,20 @@ def _train_on(backend, data_dir, exp: Path, progress=None) -> None:
         backend.close()
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("dashboard", "started"), [(None, False), ("127.0.0.1:0", True)])
+def test_a_dashboard_starts_the_cluster_at_once(monkeypatch, dashboard, started):
+    """Who asks for the dashboard wants a cluster to watch: every pass goes to it."""
+    monkeypatch.setattr(cli, "_start_local", lambda n, address: QuietCluster(n))
+    backend = cli._backend(2, None, None, 1, 1.0, dashboard, 0.2)
+    try:
+        assert isinstance(backend, StartingCluster)
+        assert (backend._starting is not None) == started
+        assert backend._short_pass == (0.0 if started else 0.2)
+    finally:
+        backend.close()
+
+
 @pytest.mark.timeout(60)
 def test_short_passes_never_start_the_cluster(data_dir, serial_exp, tmp_path, caplog):
     starts = Starts()

@@ -188,10 +188,11 @@ class StartingCluster:
     def close(self) -> None:
         """Close the cluster, once started (a start that failed unused is not an error)."""
         self._pool.shutdown(wait=True)
-        if self._starting is None and self.passes_in_process:
-            log.info("all %d passes ran in process: none took %g s, and %d workers would have "
-                     "added more time than they saved (--short-pass 0 starts them anyway)",
-                     self.passes_in_process, self._short_pass, self._requested)
+        if self._starting is None:
+            if self.passes_in_process:
+                log.info("all %d passes ran in process: none took %g s, and %d workers would "
+                         "have added more time than they saved (--short-pass 0 starts them "
+                         "anyway)", self.passes_in_process, self._short_pass, self._requested)
         elif self._cluster is None and self._starting.exception() is None:
             self._cluster = self._starting.result()
         if self._cluster is not None:
