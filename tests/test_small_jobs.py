@@ -294,6 +294,27 @@ def test_short_pass_0_runs_every_pass_on_the_workers(data_dir, serial_exp, tmp_p
     assert model_bytes(tmp_path) == model_bytes(serial_exp)
 
 
+def _kind(item) -> str:
+    return type(item[0] if isinstance(item, tuple) else item).__name__
+
+
+@pytest.mark.timeout(60)
+def test_cached_shards_paired_with_arguments_are_the_copies_where_a_pass_runs(data_dir):
+    # the k-means++ sample pairs each cached shard with its utterance positions in a tuple
+    starts = Starts()
+    backend = StartingCluster(starts, 2, short_pass=60.0)
+    try:
+        shards = make_shards(load_data_dir(data_dir), 3, global_mode=False)
+        cached = backend.cache(shards)
+        assert backend.map(_kind, cached) == ["LoadedShard"] * 3
+        assert backend.map(_kind, list(zip(cached, range(3), strict=True))) == ["LoadedShard"] * 3
+        assert backend.map(_kind, shards[:1] + [(shards[1], 0)]) == ["LoadedShard"] * 2
+        assert backend.map(_kind, list(reversed(shards))) == ["Shard", "LoadedShard", "Shard"]
+        assert starts.calls == 0
+    finally:
+        backend.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_large_corpus_waits_for_the_workers(data_dir, serial_exp, tmp_path, monkeypatch):
     monkeypatch.setattr(starting, "IN_PROCESS_FRAMES", 10)

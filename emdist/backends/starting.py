@@ -31,8 +31,11 @@ from emdist.backends.serial import SerialBackend
 
 log = logging.getLogger("emdist")
 
-IN_PROCESS_FRAMES = 2_000_000
-"""Corpora of at most this many frames run passes in process while the cluster starts."""
+IN_PROCESS_FRAMES = 250_000
+"""Corpora of at most this many frames (about 40 minutes of speech) may run passes in
+process. Larger ones start the cluster at once and wait for it: their passes take seconds,
+and workers taking over from the driver would read the corpus a second time (on 1,000,036
+frames that made a 4.4 s run take 5.8 s)."""
 SHORT_PASS = 0.2
 """Seconds of a pass in process below which workers gain little: with Dask's 30-50 ms a
 pass, 2 workers save at most a third of a 0.2 s pass, and starting them costs 0.45 s."""
@@ -41,7 +44,7 @@ pass, 2 workers save at most a third of a 0.2 s pass, and starting them costs 0.
 class CachedShards(list):
     """What :meth:`StartingCluster.cache` returns: the shards, standing for their cached
     copies in whichever place a pass runs (the driver's before the switch, the workers'
-    after)."""
+    after), also where a pass pairs them with per-shard arguments in tuples."""
 
 
 class StartingCluster:
@@ -71,8 +74,9 @@ class StartingCluster:
         self._starting: Future | None = None
         if short_pass <= 0:
             self._begin()
-        self._in_driver: list | None = None  # cached shards held by the driver
-        self._on_workers: list | None = None  # futures of the workers' cached shards
+        self._cached: CachedShards | None = None  # the shards cache() was given
+        self._in_driver: list | None = None  # their copies held by the driver
+        self._on_workers: list | None = None  # futures of the workers' copies
         self.passes_in_process = 0
 
     # -- where a call runs ---------------------------------------------------------------
@@ -101,7 +105,8 @@ class StartingCluster:
         cluster = self._started(wait=False)
         if cluster is not None:
             return cluster
-        frames = sum(getattr(s, "num_frames", IN_PROCESS_FRAMES + 1) for s in sources)
+        frames = sum(getattr(s[0] if isinstance(s, tuple) and s else s, "num_frames",
+                             IN_PROCESS_FRAMES + 1) for s in sources)
         if self._short_pass > 0 and frames <= IN_PROCESS_FRAMES:
             return self._serial
         return self._started(wait=True)
@@ -122,23 +127,39 @@ class StartingCluster:
                 self._begin()
         return result
 
-    def _resolve(self, backend, sources: Sequence) -> Sequence:
-        """The sources as ``backend`` takes them: cached shards become its cached copies."""
-        if not isinstance(sources, CachedShards):
-            return sources
+    def _copies(self, backend) -> list:
+        """The cached shards' copies where ``backend`` runs, made on first use."""
         if backend is self._serial:
             if self._in_driver is None:
-                self._in_driver = self._serial.cache(sources)
+                self._in_driver = self._serial.cache(self._cached)
             return self._in_driver
         if self._on_workers is None:
-            self._on_workers = backend.cache(sources)
+            self._on_workers = backend.cache(self._cached)
         return self._on_workers
+
+    def _resolve(self, backend, sources: Sequence) -> Sequence:
+        """The sources as ``backend`` takes them: each cached shard, alone or first in a
+        tuple of per-shard arguments, becomes its copy there."""
+        cached = self._cached
+        if cached is None:
+            return sources
+
+        def swap(item, j: int):
+            if isinstance(item, tuple) and item:
+                return (swap(item[0], j), *item[1:])
+            if j < len(cached) and item is cached[j]:
+                return self._copies(backend)[j]
+            return item
+
+        return [swap(item, j) for j, item in enumerate(sources)]
 
     # -- the Backend protocol ------------------------------------------------------------
 
     def cache(self, shards: Sequence) -> list:
         """Cached copies are made where the first pass that reads them runs."""
-        return CachedShards(shards)
+        self._cached = CachedShards(shards)
+        self._in_driver = self._on_workers = None
+        return self._cached
 
     def keep(self, func: Callable, sources: Sequence, *args: Any,
              on_done: Callable[[int], None] | None = None) -> list:
@@ -146,7 +167,7 @@ class StartingCluster:
         return cluster.keep(func, self._resolve(cluster, sources), *args, on_done=on_done)
 
     def rebalance(self, sources: list) -> list:
-        if isinstance(sources, CachedShards):
+        if sources is self._cached:
             if self._cluster is not None and self._on_workers is not None:
                 self._on_workers = self._cluster.rebalance(self._on_workers)
             return sources
