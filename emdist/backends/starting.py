@@ -72,12 +72,12 @@ class StartingCluster:
         self._start = start
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="emdist-cluster-start")
         self._starting: Future | None = None
-        if short_pass <= 0:
-            self._begin()
         self._cached: CachedShards | None = None  # the shards cache() was given
         self._in_driver: list | None = None  # their copies held by the driver
         self._on_workers: list | None = None  # futures of the workers' copies
         self.passes_in_process = 0
+        if short_pass <= 0:
+            self._begin()
 
     # -- where a call runs ---------------------------------------------------------------
 
@@ -94,8 +94,9 @@ class StartingCluster:
                 return None
             self._cluster = self._starting.result()  # a failed start raises here
             self._in_driver = None  # the workers read their own copies
-            log.info("running on %s from now on (%d passes ran in process while it started)",
-                     self._cluster.describe(), self.passes_in_process)
+            ran = (f" ({self.passes_in_process} passes ran in process before)"
+                   if self.passes_in_process else "")
+            log.info("running on %s from now on%s", self._cluster.describe(), ran)
             link = self._cluster.dashboard_link()
             if link:
                 log.info("dashboard: %s", link)
@@ -201,10 +202,12 @@ class StartingCluster:
     def describe(self) -> str:
         if self._cluster is not None:
             return self._cluster.describe()
-        when = "starting" if self._starting is not None else (
-            f"started once a pass takes {self._short_pass:g} s or more")
-        return (f"an embedded LocalCluster of {self._requested} workers, {when} (passes run in "
-                "process until it is up)")
+        if self._starting is not None:
+            return (f"an embedded LocalCluster of {self._requested} workers, starting (passes "
+                    "run in process until it is up)")
+        return (f"an embedded LocalCluster of {self._requested} workers, started when the "
+                f"passes need it (a corpus over {IN_PROCESS_FRAMES:,} frames, or a pass of "
+                f"{self._short_pass:g} s or more in process; in process until then)")
 
     def close(self) -> None:
         """Close the cluster, once started (a start that failed unused is not an error)."""
