@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,23 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dask_overhead import _cores, _cpu_model  # noqa: E402  (a sibling script)
+
 TARGETS = {2: 1.2, 8: 2.0}
 
 
 def _emdist() -> list[str]:
     script = shutil.which("emdist", path=os.path.dirname(sys.executable))
     return [script] if script else [sys.executable, "-m", "emdist.cli"]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_small_jobs(workers=(0, 2, 8), repeats: int = 6, extra: list[str] | None = None,
@@ -77,7 +68,7 @@ def time_small_jobs(workers=(0, 2, 8), repeats: int = 6, extra: list[str] | None
     result = {
         "command": " ".join(["emdist train DIGITS_TRAIN EXP --workers W -q", *(extra or [])]),
         "cpu": _cpu_model(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cores": _cores(),
         "repeats": repeats,
         "same_bytes": same,
         "workers": {},

@@ -7,6 +7,7 @@ second, so the tests can afford to train several times.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -149,3 +150,14 @@ def assert_models_close(a: dict[str, GMM], b: dict[str, GMM], rtol: float, atol:
                 atol=atol,
                 err_msg=f"{label}.{name}",
             )
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    """A script of ``scripts/`` imported as a module (``name`` without ``.py``)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,24 +4,20 @@ end to end (its figures are not judged here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import SCRIPTS, load_script
 
 from emdist import digits_dir, load_data_dir
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cv_defaults.py"
+SCRIPT = SCRIPTS / "cv_defaults.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cv_defaults", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cv_defaults")
 
 
 def test_folds_split_the_digits_by_speaker():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +12,10 @@ from pathlib import Path
 import kaldiio
 import numpy as np
 import pytest
+from helpers import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_corpus.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_corpus", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mc = _load_script()
+SCRIPT = SCRIPTS / "make_corpus.py"
+mc = load_script("make_corpus")
 
 
 def _make(out: Path, *extra: str) -> Path:
