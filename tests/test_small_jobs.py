@@ -6,7 +6,12 @@ server of the workers starts before the data dir is read), a failed cluster star
 error line; ``--workers`` beyond the CPU cores says so in one warning line, once, and gives
 the serial bytes; passes that keep their results until the next pass's tasks are sent,
 and passes that do not, give the serial tree's bits; a pass whose scattered model died
-with its only worker is redone; each ``cache()`` has its own keys.
+with its only worker is redone; each ``cache()`` has its own keys. Where passes run
+(:class:`StartingCluster`): short passes of a small corpus never start the cluster; a long
+one starts it and the workers take over once up, with the serial bytes at every iteration;
+``--short-pass 0`` and ``--dashboard-address`` run every pass on the workers; a large corpus
+waits for them; cached shards paired with per-shard arguments become the copies where the
+pass runs; a failed start is the error of the pass that needs the cluster.
 """
 
 from __future__ import annotations
@@ -275,7 +280,7 @@ def test_workers_take_over_once_up_with_the_serial_bytes(data_dir, serial_exp, t
     backend = StartingCluster(starts, 2, short_pass=1e-9)
     _train_on(backend, data_dir, tmp_path, GoAt(starts, "acc 1", backend))
     assert starts.calls == 1
-    assert backend.passes_in_process >= 2  # the k-means passes and "acc 0" at least
+    assert backend.passes_in_process >= 2  # the mix-up passes and "acc 0" at least
     assert backend._cluster is not None and backend._cluster._call > 0
     assert backend._in_driver is None  # the driver's copy of the shards was dropped
     assert model_bytes(tmp_path) == model_bytes(serial_exp)
