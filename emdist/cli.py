@@ -313,11 +313,11 @@ def train(
 def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) -> None:
     _check_backend_args(*backend_args)
     _start_fork_server(*backend_args)
-    from emdist.datadir import load_data_dir
+    from emdist.data.datadir import load_data_dir
     from emdist.engine import TrainConfig, train
-    from emdist.estep import EStepOptions
-    from emdist.expdir import ExpDir
-    from emdist.mstep import MStepOptions
+    from emdist.io.expdir import ExpDir
+    from emdist.models.estep import EStepOptions
+    from emdist.models.mstep import MStepOptions
 
     config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
     data = load_data_dir(data_dir or _default_data("train"),
@@ -386,8 +386,8 @@ def test_(
 
 
 def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int) -> None:
-    from emdist.datadir import load_data_dir
-    from emdist.modelio import load_models
+    from emdist.data.datadir import load_data_dir
+    from emdist.io.modelio import load_models
     from emdist.recognizer import evaluate, evaluate_global, write_results
     from emdist.tasks import GLOBAL_LABEL
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from emdist.backends.base import Backend, JobsFailed
-from emdist.datadir import DataDir, split_by_frames
+from emdist.data.datadir import DataDir, split_by_frames
 from emdist.errors import RuntimeFailure, UserError
-from emdist.estep import EStepOptions
-from emdist.gmm import GMM
-from emdist.modelio import atomic_write_text
+from emdist.io.modelio import atomic_write_text
+from emdist.models.estep import EStepOptions
+from emdist.models.gmm import GMM
 from emdist.tasks import GLOBAL_LABEL, Shard, score_shard
 
 

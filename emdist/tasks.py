@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emdist.datadir import Utterance, load_feats
+from emdist.data.datadir import Utterance, load_feats
 from emdist.errors import DataError
-from emdist.estep import Accumulator, EStepOptions, make_kernel
-from emdist.gmm import GMM
-from emdist.gselect import Selection, accumulate_selected, select
-from emdist.kernel import Scorer
-from emdist.stats import StatsMap, add_maps, sum_group
+from emdist.models.estep import Accumulator, EStepOptions, make_kernel
+from emdist.models.gmm import GMM
+from emdist.models.gselect import Selection, accumulate_selected, select
+from emdist.models.kernel import Scorer
+from emdist.models.stats import StatsMap, add_maps, sum_group
 
 GLOBAL_LABEL = "global"
 

@@ -21,11 +21,11 @@ Figures (real column, then synthetic where it exists):
    --kmeans-iters 5 --num-iters 4 --workers 0 --feature-cache memory``, the median of the
    ``seconds`` of iterations 2..4 in ``EXP/metrics.jsonl``: what the user waits for. Its
    ``4.mdl`` is the trained model of the rows below.
-3. Kernel alone: ``emdist.estep.accumulate(model, frames, EStepOptions("float32"))`` on frames
-   held in memory (float32, column-major as the engine caches them): real frames under the
+3. Kernel alone: ``emdist.models.estep.accumulate(model, frames, EStepOptions("float32"))``
+   on frames held in memory (float32, column-major as the engine caches them): real frames under the
    trained model, synthetic frames under an untrained one (uniform weights, K random frames
    as means, the global (co)variance). Median of --repeats after a warm-up.
-4. In-process iteration: kernel + ``emdist.mstep.m_step`` (Kaldi style, as the CLI).
+4. In-process iteration: kernel + ``emdist.models.mstep.m_step`` (Kaldi style, as the CLI).
 5. Flushed share (no target): posteriors set to zero by the subnormal guard over N·K,
    ``Accumulator(make_kernel(model, EStepOptions("float32")), D, 1024, count_flushed=True)``.
 6. scikit-learn: ``GaussianMixture`` (float64, one thread) warm-started from the same model,
@@ -313,7 +313,7 @@ def load_frames(data_dir: Path):
     """Every frame of a data dir, concatenated: (N, D) float32, column-major (as cached)."""
     import numpy as np
 
-    from emdist.datadir import load_data_dir, load_feats
+    from emdist.data.datadir import load_data_dir, load_feats
 
     data = load_data_dir(data_dir, require_labels=False)
     frames = np.concatenate([load_feats(u.rxfilename) for u in data.utts])
@@ -336,7 +336,7 @@ def initial_model(frames, k: int, cov: str):
     """Uniform weights, K distinct random frames as means, global (co)variance: no k-means."""
     import numpy as np
 
-    from emdist.gmm import GMM
+    from emdist.models.gmm import GMM
 
     rng = np.random.default_rng([SEED, k, 7])
     means = frames[rng.choice(len(frames), size=k, replace=False)].astype(np.float64)
@@ -446,7 +446,7 @@ def _steady(seconds: list[float]) -> tuple[float, str]:
 def cli_train(args, data: Path, exp: Path, cov: str, k: int, gselect: int = 0,
               nj: int | None = None) -> dict:
     """Run ``emdist train`` in a subprocess (one BLAS thread); its per-iteration seconds."""
-    from emdist.expdir import ExpDir
+    from emdist.io.expdir import ExpDir
 
     cmd = train_command(args, data, exp, cov, k, gselect, nj)
     log(f"emdist train {cov} K={k}{f' --gselect {gselect}' if gselect else ''}"
@@ -477,7 +477,7 @@ def cli_train(args, data: Path, exp: Path, cov: str, k: int, gselect: int = 0,
 
 def trained_model(run: dict):
     """The model after the run's last iteration (``N.mdl``, N = --cli-iters)."""
-    from emdist.expdir import ExpDir
+    from emdist.io.expdir import ExpDir
 
     exp = ExpDir(run["exp"])
     return exp.load_model(exp.model_numbers()[-1])["global"]
@@ -506,7 +506,7 @@ def _rate(seconds: list[float], flops: float, sq32: float) -> dict:
 
 def flushed_share(model, frames) -> dict:
     """Posteriors the subnormal guard set to zero, over N·K (a diagnostic pass)."""
-    from emdist.estep import Accumulator, EStepOptions, make_kernel
+    from emdist.models.estep import Accumulator, EStepOptions, make_kernel
 
     acc = Accumulator(make_kernel(model, EStepOptions("float32")), model.dim, CHUNK,
                       count_flushed=True)
@@ -519,8 +519,8 @@ def flushed_share(model, frames) -> dict:
 
 def time_emdist(model, frames, repeats: int, sq32: float) -> dict:
     """Kernel alone (``accumulate``, float32), M-step, their sum, and the flushed share."""
-    from emdist.estep import EStepOptions, accumulate
-    from emdist.mstep import MStepOptions, m_step
+    from emdist.models.estep import EStepOptions, accumulate
+    from emdist.models.mstep import MStepOptions, m_step
 
     options = EStepOptions(dtype="float32", chunk_size=CHUNK)
     flops = useful_flops(model.covariance_type, len(frames), model.dim, model.n_components)
@@ -682,7 +682,7 @@ def add_speedups(entry: dict, cli: dict | None) -> None:
 
 def _start_exp(exp_path: Path, config, model):
     """An exp dir whose 0.mdl is ``model``: ``train`` resumes from it (no initialisation)."""
-    from emdist.expdir import ExpDir
+    from emdist.io.expdir import ExpDir
     from emdist.tasks import GLOBAL_LABEL
 
     exp = ExpDir(exp_path)
@@ -723,7 +723,7 @@ def run_engine(args, data, model, make_backend, label: str, exp_path: Path) -> d
 def bench_dask(args, data_path: Path, model, work: Path, corpus: str) -> dict:
     from emdist.backends.dask_backend import DaskBackend
     from emdist.backends.serial import SerialBackend
-    from emdist.datadir import load_data_dir
+    from emdist.data.datadir import load_data_dir
 
     data = load_data_dir(data_path, require_labels=False)
     log(f"{corpus} Dask: K={model.n_components}, nj={args.nj}, {data.num_frames} frames")
@@ -785,7 +785,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def bench_gselect(args, exact: dict, selected: dict, heldout, frames) -> dict:
     """Exact EM vs --gselect from the same 0.mdl: seconds per iteration and the exact
     per-frame log-likelihood of both final models on the same frames."""
-    from emdist.modelio import load_models
+    from emdist.io.modelio import load_models
 
     models = {name: load_models(Path(run["exp"]) / "final.mdl")["global"]
               for name, run in (("exact", exact), ("selected", selected))}

@@ -65,7 +65,7 @@ def measure_pass_overhead(passes: int = 20, workers: int = 1, nj: int = 8, warmu
     from emdist.backends.dask_backend import DaskBackend
     from emdist.backends.serial import SerialBackend
     from emdist.corpora import digits_dir
-    from emdist.datadir import load_data_dir
+    from emdist.data.datadir import load_data_dir
     from emdist.engine import TrainConfig, make_shards, train
     from emdist.tasks import acc_shard
 

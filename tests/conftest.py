@@ -9,7 +9,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import emdist
-from emdist.datadir import load_feats
+from emdist.data.datadir import load_feats
 
 
 @pytest.fixture(scope="module")

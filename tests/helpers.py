@@ -20,10 +20,10 @@ import numpy as np
 
 from emdist.backends.serial import SerialBackend
 from emdist.corpora import digits_dir
-from emdist.datadir import DataDir
+from emdist.data.datadir import DataDir
 from emdist.engine import TrainConfig, train
-from emdist.expdir import ExpDir
-from emdist.gmm import GMM
+from emdist.io.expdir import ExpDir
+from emdist.models.gmm import GMM
 
 LABELS = ("a", "b", "c")
 DIM = 4

@@ -25,12 +25,12 @@ from typer.testing import CliRunner
 
 from emdist.backends.serial import SerialBackend
 from emdist.cli import app
-from emdist.datadir import load_data_dir
+from emdist.data.datadir import load_data_dir
 from emdist.engine import TrainConfig, train
-from emdist.estep import EStepOptions
-from emdist.expdir import ExpDir
-from emdist.modelio import load_models
-from emdist.mstep import MStepOptions
+from emdist.io.expdir import ExpDir
+from emdist.io.modelio import load_models
+from emdist.models.estep import EStepOptions
+from emdist.models.mstep import MStepOptions
 from emdist.recognizer import evaluate
 
 TINY = ["--num-gauss", "2", "--num-iters", "2", "--kmeans-iters", "2", "--nj", "2"]

@@ -17,9 +17,9 @@ from helpers import digits_subset
 
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
-from emdist.datadir import load_data_dir
+from emdist.data.datadir import load_data_dir
 from emdist.engine import TrainConfig, train
-from emdist.expdir import ExpDir
+from emdist.io.expdir import ExpDir
 
 BIN = Path(sys.executable).parent
 DASK = shutil.which("dask", path=str(BIN)) or shutil.which("dask")

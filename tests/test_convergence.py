@@ -9,9 +9,9 @@ import pytest
 from helpers import write_data_dir
 
 from emdist.backends.serial import SerialBackend
-from emdist.datadir import load_data_dir
+from emdist.data.datadir import load_data_dir
 from emdist.engine import ConvergenceMonitor, LikelihoodDecreaseWarning, TrainConfig, train
-from emdist.expdir import ExpDir
+from emdist.io.expdir import ExpDir
 
 
 def test_monitor_warns_on_a_real_decrease_only():

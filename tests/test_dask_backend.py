@@ -22,14 +22,14 @@ from helpers import copy_exp, model_bytes, tiny_config, train_tiny, write_data_d
 from emdist.backends.base import JobsFailed
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
-from emdist.datadir import load_data_dir
+from emdist.data.datadir import load_data_dir
 from emdist.engine import make_shards, train
 from emdist.errors import DataError, EmdistError, RuntimeFailure
-from emdist.estep import EStepOptions
-from emdist.expdir import ExpDir
-from emdist.modelio import load_models
+from emdist.io.expdir import ExpDir
+from emdist.io.modelio import load_models
+from emdist.models.estep import EStepOptions
+from emdist.models.stats import tree_sum
 from emdist.recognizer import score
-from emdist.stats import tree_sum
 from emdist.tasks import acc_shard, load_shard
 
 TRAIN_OPTIONS = dict(covariance_type="full", num_gauss=3, num_iters=3, nj=4)
@@ -357,7 +357,7 @@ def test_streamed_passes_send_references_to_kept_shards(threads, data):
     lists (tens of MB per pass for a large corpus)."""
     from distributed import Future
 
-    from emdist.trainer import Trainer
+    from emdist.engine.trainer import Trainer
 
     trainer = Trainer(make_shards(data, 4, global_mode=False), data.dim,
                       tiny_config(nj=4), threads, None, feature_cache="none")

@@ -1,4 +1,4 @@
-"""Tests for emdist.datadir: reading, validating and sharding Kaldi data dirs."""
+"""Tests for emdist.data.datadir: reading, validating and sharding Kaldi data dirs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emdist.datadir import (
+from emdist.data.datadir import (
     DataDir,
     Utterance,
     load_data_dir,

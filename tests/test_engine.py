@@ -32,13 +32,13 @@ from helpers import (
 )
 
 from emdist.backends.serial import SerialBackend
-from emdist.datadir import DataDir, load_data_dir
+from emdist.data.datadir import DataDir, load_data_dir
 from emdist.engine import make_shards, train
 from emdist.errors import EmdistError, UserError
-from emdist.estep import EStepOptions
-from emdist.expdir import ExpDir
-from emdist.gmm import GMM
-from emdist.modelio import load_models
+from emdist.io.expdir import ExpDir
+from emdist.io.modelio import load_models
+from emdist.models.estep import EStepOptions
+from emdist.models.gmm import GMM
 from emdist.recognizer import evaluate
 
 NUM_ITERS = 4

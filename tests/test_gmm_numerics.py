@@ -22,13 +22,13 @@ from kaldi_text import read_gmm
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from emdist import estep
 from emdist.errors import EmdistError
-from emdist.estep import Accumulator, EStepOptions, accumulate, make_kernel
-from emdist.gmm import GMM, expand_features
-from emdist.initialize import centres_model, kmeans_plus_plus
-from emdist.mstep import MStepOptions, m_step
-from emdist.stats import GmmStats
+from emdist.models import estep
+from emdist.models.estep import Accumulator, EStepOptions, accumulate, make_kernel
+from emdist.models.gmm import GMM, expand_features
+from emdist.models.initialize import centres_model, kmeans_plus_plus
+from emdist.models.mstep import MStepOptions, m_step
+from emdist.models.stats import GmmStats
 
 COV_TYPES = ("diag", "full")
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -19,16 +19,17 @@ from scipy.special import logsumexp
 
 import emdist
 from emdist.backends.serial import SerialBackend
-from emdist.datadir import load_data_dir, load_feats
-from emdist.engine import TrainConfig, _mstep_options, train
+from emdist.data.datadir import load_data_dir, load_feats
+from emdist.engine import TrainConfig, train
+from emdist.engine.driver import _mstep_options
 from emdist.errors import UserError
-from emdist.estep import EStepOptions, accumulate, make_kernel
-from emdist.expdir import ExpDir
-from emdist.gmm import GMM
-from emdist.gselect import accumulate_selected, plan, select, top_n
-from emdist.initialize import kmeans_plus_plus
-from emdist.kernel import expand_features
-from emdist.mstep import MStepOptions, m_step
+from emdist.io.expdir import ExpDir
+from emdist.models.estep import EStepOptions, accumulate, make_kernel
+from emdist.models.gmm import GMM
+from emdist.models.gselect import accumulate_selected, plan, select, top_n
+from emdist.models.initialize import kmeans_plus_plus
+from emdist.models.kernel import expand_features
+from emdist.models.mstep import MStepOptions, m_step
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from kaldi_text import read_gmm
 
-from emdist.gmm import GMM
-from emdist.initialize import kmeans_plus_plus, label_rng, split
+from emdist.models.gmm import GMM
+from emdist.models.initialize import kmeans_plus_plus, label_rng, split
 
 KALDI_MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaldi-models"
 

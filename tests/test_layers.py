@@ -1,5 +1,5 @@
-"""The package's layers (DESIGN.md; issue 10): no import circle among emdist's modules, and
-the numerics never import Dask."""
+"""The package's layers (DESIGN.md; issue 10): a lower layer never imports a higher one, no
+import circle among emdist's modules, and the numerics never import Dask."""
 
 from __future__ import annotations
 
@@ -9,8 +9,21 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "emdist"
-NUMERICS = ["emdist.gmm", "emdist.kernel", "emdist.estep", "emdist.mstep", "emdist.stats",
-            "emdist.gselect", "emdist.initialize", "emdist.config"]
+NUMERICS = ["emdist.models.gmm", "emdist.models.kernel", "emdist.models.estep",
+            "emdist.models.mstep", "emdist.models.stats", "emdist.models.gselect",
+            "emdist.models.initialize", "emdist.data.datadir", "emdist.io.modelio"]
+# Lowest first. A module may import its own layer and the ones before it (at import time;
+# the CLI imports everything inside its commands, lazily).
+LAYERS = ["emdist.errors", "emdist.models", "emdist.data", "emdist.corpora", "emdist.tasks",
+          "emdist.io", "emdist.backends", "emdist.engine", "emdist.recognizer",
+          "emdist.progress", "emdist.cli", "emdist"]
+
+
+def _layer(module: str) -> int:
+    for rank, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    raise AssertionError(f"{module} is in no layer")
 
 
 def _module(path: Path) -> str:
@@ -57,9 +70,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_lower_layers_never_import_higher_ones():
+    graph = _imports()
+    assert "emdist.models.kernel" in graph and "emdist.engine.driver" in graph
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps
+                    if d in graph and _layer(d) > _layer(m))
+    assert upward == []
+
+
 def test_no_import_circle():
     graph = _imports()
-    assert "emdist.engine" in graph and "emdist.config" in graph["emdist.trainer"]
+    assert "emdist.engine" in graph and "emdist.engine.config" in graph["emdist.engine.trainer"]
     assert _cycles(graph) == []
 
 

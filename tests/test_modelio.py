@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from emdist.errors import UserError
-from emdist.gmm import GMM
-from emdist.modelio import load_models, load_stats, save_models, save_stats
-from emdist.stats import GmmStats
+from emdist.io.modelio import load_models, load_stats, save_models, save_stats
+from emdist.models.gmm import GMM
+from emdist.models.stats import GmmStats
 
 
 def random_gmm(rng: np.random.Generator, k: int, d: int, cov_type: str) -> GMM:

@@ -17,9 +17,9 @@ import pytest
 from kaldi_text import read_accs, read_gmm
 
 from emdist.errors import UserError
-from emdist.gmm import GMM
-from emdist.mstep import MStepOptions, m_step
-from emdist.stats import GmmStats
+from emdist.models.gmm import GMM
+from emdist.models.mstep import MStepOptions, m_step
+from emdist.models.stats import GmmStats
 
 KALDI_MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaldi-models"
 KALDI = MStepOptions()  # Kaldi's defaults: gmm-global-est / fgmm-global-est

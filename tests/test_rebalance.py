@@ -11,8 +11,8 @@ from distributed import Client, LocalCluster
 from helpers import write_data_dir
 
 from emdist.backends.dask_backend import DaskBackend
-from emdist.datadir import load_data_dir
-from emdist.trainer import make_shards
+from emdist.data.datadir import load_data_dir
+from emdist.engine.trainer import make_shards
 
 
 def _placement(backend: DaskBackend, sources) -> Counter:

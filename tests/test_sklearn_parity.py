@@ -16,10 +16,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 import emdist
-from emdist.datadir import load_feats
-from emdist.estep import accumulate
-from emdist.gmm import GMM
-from emdist.mstep import MStepOptions, m_step
+from emdist.data.datadir import load_feats
+from emdist.models.estep import accumulate
+from emdist.models.gmm import GMM
+from emdist.models.mstep import MStepOptions, m_step
 
 REG_COVAR = 1e-6
 SKLEARN = MStepOptions(style="sklearn", reg_covar=REG_COVAR)

@@ -38,11 +38,11 @@ from emdist.backends import starting
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
 from emdist.backends.starting import StartingCluster
-from emdist.datadir import load_data_dir
+from emdist.data.datadir import load_data_dir
 from emdist.engine import TrainConfig, make_shards, train
 from emdist.errors import RuntimeFailure
-from emdist.estep import EStepOptions
-from emdist.expdir import ExpDir
+from emdist.io.expdir import ExpDir
+from emdist.models.estep import EStepOptions
 from emdist.tasks import acc_shard
 
 psutil = pytest.importorskip("psutil")

@@ -19,14 +19,14 @@ import pytest
 from scipy.special import logsumexp
 
 import emdist
-import emdist.estep
-import emdist.gselect
-import emdist.kernel
-from emdist.estep import Accumulator, EStepOptions, accumulate, make_kernel
-from emdist.gmm import GMM
-from emdist.initialize import kmeans_plus_plus
-from emdist.kernel import FLUSH_BITS, expand_features
-from emdist.mstep import MStepOptions, m_step
+import emdist.models.estep
+import emdist.models.gselect
+import emdist.models.kernel
+from emdist.models.estep import Accumulator, EStepOptions, accumulate, make_kernel
+from emdist.models.gmm import GMM
+from emdist.models.initialize import kmeans_plus_plus
+from emdist.models.kernel import FLUSH_BITS, expand_features
+from emdist.models.mstep import MStepOptions, m_step
 
 CASES = [("diag", 32), ("full", 8)]
 
@@ -101,7 +101,7 @@ class CheckedNumpy:
 @pytest.fixture
 def checked(monkeypatch) -> CheckedNumpy:
     proxy = CheckedNumpy()
-    for module in (emdist.kernel, emdist.estep, emdist.gselect):
+    for module in (emdist.models.kernel, emdist.models.estep, emdist.models.gselect):
         monkeypatch.setattr(module, "np", proxy)
     return proxy
 
@@ -140,8 +140,8 @@ def test_no_subnormal_reaches_exp2_or_a_product(models, frames, checked, cov_typ
 def test_no_subnormal_in_the_selected_e_step(models, frames, checked, dtype):
     model = models["diag"]
     kernel = make_kernel(model, EStepOptions(dtype=dtype))
-    selection = emdist.gselect.select(kernel, frames, 8)
-    emdist.gselect.accumulate_selected(kernel, frames[selection.order], selection)
+    selection = emdist.models.gselect.select(kernel, frames, 8)
+    emdist.models.gselect.accumulate_selected(kernel, frames[selection.order], selection)
     assert checked.calls["exp2"] >= len(selection.chunks) - 1 > len(frames) // 4096
     assert sum(checked.found.values()) == 0, dict(checked.found)
 

@@ -2,7 +2,7 @@
 
 ``SerialBackend`` runs in process; ``DaskBackend`` (imported lazily, the only module that
 imports ``distributed``) runs on an embedded LocalCluster or an existing scheduler. Both
-reduce statistics with the same tree (:func:`emdist.stats.tree_sum`), so they return the
+reduce statistics with the same tree (:func:`emdist.models.stats.tree_sum`), so they return the
 same bits.
 """
 

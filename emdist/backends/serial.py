@@ -9,7 +9,7 @@ from typing import Any
 
 from emdist.backends.base import JobFailure, JobsFailed
 from emdist.errors import EmdistError
-from emdist.stats import tree_sum
+from emdist.models.stats import tree_sum
 from emdist.tasks import load_shard, reduce_group
 
 

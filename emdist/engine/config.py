@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from emdist.errors import UserError
-from emdist.estep import EStepOptions
-from emdist.gmm import COVARIANCE_TYPES
-from emdist.mstep import MStepOptions
+from emdist.models.estep import EStepOptions
+from emdist.models.gmm import COVARIANCE_TYPES
+from emdist.models.mstep import MStepOptions
 
 __all__ = ["IterationRecord", "TrainConfig"]
 

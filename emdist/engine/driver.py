@@ -14,15 +14,15 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from emdist.backends.base import Backend
-from emdist.config import IterationRecord, TrainConfig
-from emdist.datadir import DataDir, parse_rxfilename
+from emdist.data.datadir import DataDir, parse_rxfilename
+from emdist.engine.config import IterationRecord, TrainConfig
+from emdist.engine.init_passes import INIT
+from emdist.engine.trainer import Progress, Trainer, make_shards, per_frame
 from emdist.errors import EmdistWarning, UserError
-from emdist.expdir import ExpDir
-from emdist.gmm import GMM
-from emdist.init_passes import INIT
-from emdist.mstep import MStepOptions
+from emdist.io.expdir import ExpDir
+from emdist.models.gmm import GMM
+from emdist.models.mstep import MStepOptions
 from emdist.tasks import GLOBAL_LABEL, one_blas_thread
-from emdist.trainer import Progress, Trainer, make_shards, per_frame
 
 __all__ = [
     "ConvergenceMonitor",

@@ -1,9 +1,9 @@
 """Gaussian mixture models: an immutable value of weights, means and covariances.
 
-Everything that scores frames goes through a :class:`emdist.kernel.Kernel`, the per-model
+Everything that scores frames goes through a :class:`emdist.models.kernel.Kernel`, the per-model
 constants computed once, so that the log-likelihoods of a chunk of frames are one matrix
-product (see :mod:`emdist.kernel`); the same expanded features give the statistics with one
-more product (:mod:`emdist.estep`).
+product (see :mod:`emdist.models.kernel`); the same expanded features give the statistics with one
+more product (:mod:`emdist.models.estep`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdist.errors import UserError
-from emdist.kernel import (  # noqa: F401 -- re-exported: the model's numerics
+from emdist.models.kernel import (  # noqa: F401 -- re-exported: the model's numerics
     LOG_2PI,
     Kernel,
     check_finite,

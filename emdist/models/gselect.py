@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdist.estep import stats_from_moments
-from emdist.kernel import LN2, Kernel, Rows, check_finite, expanded_width, posteriors_of
+from emdist.models.estep import stats_from_moments
+from emdist.models.kernel import LN2, Kernel, Rows, check_finite, expanded_width, posteriors_of
 
 DEFAULT_BLOCK_SIZE = 256
 PLAN_CHUNK = 4096
@@ -201,7 +201,7 @@ def accumulate_selected(kernel: Kernel, ordered: np.ndarray, selection: Selectio
     Returns
     -------
     stats : GmmStats
-        As :func:`emdist.estep.accumulate` returns them (uncentred, float64).
+        As :func:`emdist.models.estep.accumulate` returns them (uncentred, float64).
     flushed : int
         Selected posteriors flushed to zero (counted with ``count_flushed``).
     """

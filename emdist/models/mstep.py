@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from emdist.errors import UserError
-from emdist.gmm import GMM
-from emdist.stats import GmmStats
+from emdist.models.gmm import GMM
+from emdist.models.stats import GmmStats
 
 
 @dataclass(frozen=True)

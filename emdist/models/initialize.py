@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 
 from emdist.errors import UserError
-from emdist.gmm import GMM
+from emdist.models.gmm import GMM
 
 
 def label_rng(seed: int, label: str, purpose: str) -> np.random.Generator:

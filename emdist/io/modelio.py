@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from emdist.errors import UserError
-from emdist.gmm import GMM
-from emdist.stats import GmmStats
+from emdist.models.gmm import GMM
+from emdist.models.stats import GmmStats
 
 MODEL_FORMAT = "emdist-gmm"
 STATS_FORMAT = "emdist-stats"

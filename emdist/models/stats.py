@@ -91,7 +91,7 @@ class GmmStats:
         )
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """Arrays for an ``.npz`` file (see :mod:`emdist.modelio`)."""
+        """Arrays for an ``.npz`` file (see :mod:`emdist.io.modelio`)."""
         out = {prefix + name: getattr(self, name) for name in _ARRAYS}
         out[prefix + "loglike"] = np.array(self.loglike)
         out[prefix + "frames"] = np.array(self.frames, dtype=np.int64)

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from emdist.errors import UserError
-from emdist.gmm import GMM
-from emdist.modelio import atomic_write_bytes, atomic_write_text, load_models, save_models
+from emdist.io.modelio import atomic_write_bytes, atomic_write_text, load_models, save_models
+from emdist.models.gmm import GMM
 from emdist.tasks import JobReport
 
 _MODEL_RE = re.compile(r"^(\d+)\.mdl$")

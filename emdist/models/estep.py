@@ -1,6 +1,6 @@
 """The E-step: sufficient statistics of frames under a model, chunk by chunk.
 
-Per chunk of ``chunk_size`` frames (see :mod:`emdist.kernel`)::
+Per chunk of ``chunk_size`` frames (see :mod:`emdist.models.kernel`)::
 
     R    = [1; x - shift; x² or vech(x xᵀ); 0...]   (P, n), frames as columns
     L    = A @ R                                   (K, n): log2 w_k N(x_t) less c·R
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdist.gmm import GMM
-from emdist.kernel import (
+from emdist.models.gmm import GMM
+from emdist.models.kernel import (
     LN2,
     Kernel,
     Rows,
@@ -34,7 +34,7 @@ from emdist.kernel import (
     packed_indices,
     posteriors,
 )
-from emdist.stats import GmmStats
+from emdist.models.stats import GmmStats
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -62,7 +62,7 @@ def make_kernel(model: GMM, options: EStepOptions) -> Kernel:
     """The model's kernel in the options' precision, built once per model and precision.
 
     In float32 the frames are centred near the model's mean (``Σ w_k μ_k`` on a grid of
-    2⁻¹⁰, see :func:`emdist.kernel.grid_shift`) and a common offset is taken out of the
+    2⁻¹⁰, see :func:`emdist.models.kernel.grid_shift`) and a common offset is taken out of the
     constants, so that the expanded products do not cancel; in float64 the plain products
     are used.
 

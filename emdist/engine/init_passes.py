@@ -12,11 +12,11 @@ from dataclasses import replace
 import numpy as np
 
 from emdist.backends.base import JobsFailed
+from emdist.engine.trainer import Trainer, per_frame
 from emdist.errors import UserError
-from emdist.gmm import GMM
-from emdist.initialize import centres_model, kmeans_plus_plus, label_rng, split
+from emdist.models.gmm import GMM
+from emdist.models.initialize import centres_model, kmeans_plus_plus, label_rng, split
 from emdist.tasks import sample_shard
-from emdist.trainer import Trainer, per_frame
 
 log = logging.getLogger("emdist")
 

@@ -171,7 +171,7 @@ class Kernel:
     @classmethod
     def from_gmm(cls, gmm, dtype=np.float64, shift: np.ndarray | None = None,
                  common_offset: bool = False) -> Kernel:
-        """Constants of ``gmm`` (a :class:`emdist.gmm.GMM`) in ``dtype``, around ``shift``;
+        """Constants of ``gmm`` (a :class:`emdist.models.gmm.GMM`) in ``dtype``, around ``shift``;
         with ``common_offset``, less the weighted median column (the float32 fast path)."""
         dtype = np.dtype(dtype)
         shift = np.zeros(gmm.dim) if shift is None else np.asarray(shift, dtype=np.float64)

@@ -11,15 +11,15 @@ from dataclasses import replace
 from typing import Protocol
 
 from emdist.backends.base import Backend, JobsFailed
-from emdist.config import IterationRecord, TrainConfig
-from emdist.datadir import DataDir, split_by_frames
+from emdist.data.datadir import DataDir, split_by_frames
+from emdist.engine.config import IterationRecord, TrainConfig
 from emdist.errors import RuntimeFailure, UserError
-from emdist.estep import EStepOptions
-from emdist.expdir import ExpDir
-from emdist.gmm import GMM
-from emdist.gselect import kept_bytes_per_frame
-from emdist.mstep import MStepOptions, UpdateReport, m_step
-from emdist.stats import StatsMap
+from emdist.io.expdir import ExpDir
+from emdist.models.estep import EStepOptions
+from emdist.models.gmm import GMM
+from emdist.models.gselect import kept_bytes_per_frame
+from emdist.models.mstep import MStepOptions, UpdateReport, m_step
+from emdist.models.stats import StatsMap
 from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, select_shard
 
 log = logging.getLogger("emdist")

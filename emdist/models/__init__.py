@@ -1,0 +1,7 @@
+"""The numerics: models, their statistics and their updates (numpy only, no Dask, no files).
+
+``gmm`` (the model and its log-likelihoods), ``kernel`` (per-model constants and the
+posterior pipeline of a chunk of frames), ``estep`` (statistics of frames, chunk by chunk),
+``gselect`` (the E-step over each frame's selected Gaussians), ``stats`` (additive
+statistics), ``mstep`` (updates with Kaldi's floors) and ``initialize`` (k-means++, mix-up).
+"""
