@@ -22,7 +22,7 @@ from emdist.errors import DataError
 from emdist.models.estep import Accumulator, EStepOptions, make_kernel
 from emdist.models.gmm import GMM
 from emdist.models.gselect import Selection, accumulate_selected, select
-from emdist.models.kernel import Scorer
+from emdist.models.kernel import Scorer, StackedScorer
 from emdist.models.stats import StatsMap, add_maps, sum_group
 
 GLOBAL_LABEL = "global"
@@ -254,11 +254,20 @@ def sample_shard(source: Shard | LoadedShard, stride: int,
 def score_shard(
     source: Shard, models: Mapping[str, GMM], options: EStepOptions
 ) -> list[tuple[str, dict[str, float]]]:
-    """Total log-likelihood of every utterance under every model."""
+    """Total log-likelihood of every utterance under every model (all models at once, see
+    :class:`StackedScorer`, when their kernels share a layout)."""
     with one_blas_thread():
-        scorers = {label: Scorer(make_kernel(m, options), options.chunk_size)
-                   for label, m in sorted(models.items())}
+        labels = sorted(models)
+        kernels = [make_kernel(models[label], options) for label in labels]
         out = []
+        if StackedScorer.fits(kernels):
+            stacked = StackedScorer(kernels, options.chunk_size)
+            for utt in source.utts:
+                totals = stacked.totals(read_utterance(utt))
+                out.append((utt.utt_id, dict(zip(labels, totals.tolist(), strict=True))))
+            return out
+        scorers = {label: Scorer(k, options.chunk_size) for label, k in zip(labels, kernels,
+                                                                             strict=True)}
         for utt in source.utts:
             feats = read_utterance(utt)
             scores = {label: float(s.frame_log_likelihood(feats).sum())

@@ -27,6 +27,7 @@ from emdist.models import estep
 from emdist.models.estep import Accumulator, EStepOptions, accumulate, make_kernel
 from emdist.models.gmm import GMM, expand_features
 from emdist.models.initialize import centres_model, kmeans_plus_plus
+from emdist.models.kernel import Scorer, StackedScorer
 from emdist.models.mstep import MStepOptions, m_step
 from emdist.models.stats import GmmStats
 
@@ -274,6 +275,34 @@ def test_kernels_are_built_once_per_model_and_precision(synthetic):
     del twin
     gc.collect()
     assert gone() is None  # the cache did not keep the model (nor its kernels) alive
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_stacked_scoring_equals_one_scorer_per_model(cov_type):
+    """The recognizer scores an utterance under every word model with one product; models
+    of fewer Gaussians are padded. Totals equal one Scorer per model, and scipy's."""
+    rng = np.random.default_rng(7)
+    models = [random_gmm(rng, k, 5, cov_type) for k in (3, 1, 4, 4)]
+    frames = sample(rng, models[2], 700)
+    kernels = [make_kernel(m, EStepOptions()) for m in models]
+    stacked = StackedScorer(kernels, 256)  # 700 frames: three chunks
+    for piece in (frames, frames[:1], frames[:300]):
+        totals = stacked.totals(piece)
+        one_by_one = [Scorer(k, 256).frame_log_likelihood(piece).sum() for k in kernels]
+        np.testing.assert_allclose(totals, one_by_one, rtol=1e-13)
+        reference = [logsumexp(scipy_component_ll(m, piece), axis=1).sum() for m in models]
+        np.testing.assert_allclose(totals, reference, rtol=1e-10)
+
+
+def test_kernels_of_different_layouts_are_not_stacked(synthetic):
+    diag, full = synthetic["diag"][0], synthetic["full"][0]
+    f64, f32 = EStepOptions(), EStepOptions(dtype="float32")
+    assert StackedScorer.fits([make_kernel(diag, f64), make_kernel(diag, f64)])
+    assert not StackedScorer.fits([make_kernel(diag, f64), make_kernel(full, f64)])
+    assert not StackedScorer.fits([make_kernel(diag, f64), make_kernel(diag, f32)])
+    assert not StackedScorer.fits([])
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        StackedScorer([make_kernel(diag, f64), make_kernel(full, f64)], 16)
 
 
 def add_all(pieces: list[GmmStats], zero: GmmStats) -> GmmStats:

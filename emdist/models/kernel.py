@@ -243,6 +243,70 @@ class Scorer:
         return result
 
 
+class StackedScorer:
+    """Total log-likelihoods of utterances under several models at once (the recognizer):
+    each chunk of frames is expanded once and scored by one product with the models'
+    stacked constants, where one :class:`Scorer` per model would expand it once per model.
+
+    The models' kernels must share their layout (dtype, covariance type, dimension, shift
+    and common offset: the float64 kernels of :func:`emdist.models.estep.make_kernel` do);
+    :meth:`fits` says whether they do. A model with fewer Gaussians than the largest is
+    padded with Gaussians whose log-likelihood is far below any other, so they are flushed
+    to exact zeros and change nothing.
+    """
+
+    def __init__(self, kernels, chunk_size: int) -> None:
+        if not self.fits(kernels):
+            raise ValueError("kernels of different layouts cannot be stacked")
+        first = kernels[0]
+        self.n_models = len(kernels)
+        self.k = max(k.n_components for k in kernels)
+        fast = np.zeros((self.n_models * self.k, first.width), dtype=first.dtype)
+        for m, kernel in enumerate(kernels):
+            at = m * self.k
+            fast[at : at + kernel.n_components] = kernel.fast
+            fast[at + kernel.n_components : at + self.k, 0] = _ABSENT
+        self.fast = fast
+        self.rows = Rows(first, chunk_size)
+        self._log_like = np.empty((self.n_models, self.k, chunk_size), dtype=first.dtype)
+
+    @staticmethod
+    def fits(kernels) -> bool:
+        """Whether ``kernels`` share the layout that stacking needs."""
+        if not kernels:
+            return False
+        first = kernels[0]
+        return all(k.dtype == first.dtype and k.covariance_type == first.covariance_type
+                   and k.width == first.width and np.array_equal(k.shift, first.shift)
+                   and np.array_equal(k.offset, first.offset) for k in kernels)
+
+    def totals(self, frames: np.ndarray) -> np.ndarray:
+        """``Σ_t log p_m(x_t)`` of frames (N, D) under each model m: shape (M,), float64."""
+        frames = np.asarray(frames)
+        rows, step = self.rows, self.rows.capacity
+        totals = np.zeros(self.n_models)
+        for start in range(0, len(frames), step):
+            n = rows.load(frames[start : start + step])
+            offset = rows.offsets(n)
+            out = self._log_like[:, :, :n]
+            np.matmul(self.fast, rows.block(n), out=out.reshape(-1, n))
+            top = out.max(axis=1)  # (M, n)
+            check_finite(top)
+            out -= top[:, None, :]
+            np.maximum(out, -FLUSH_BITS, out=out)
+            np.exp2(out, out=out)
+            out -= out.dtype.type(FLUSH_FLOOR)
+            total = out.sum(axis=1, dtype=np.float64)
+            frame = offset + LN2 * (top + np.log2(total))
+            totals += frame.sum(axis=1)
+        return totals
+
+
+_ABSENT = -(2.0**60)
+"""The log2-constant of a padding Gaussian in :class:`StackedScorer`: at least 2⁶⁰ below
+any real Gaussian's log2-likelihood, it is flushed to an exact zero."""
+
+
 class Rows:
     """A reusable (P, capacity) buffer of expanded frames as columns: ``[1; x; x²; 0...]``.
 
