@@ -24,15 +24,6 @@ from emdist.models.gmm import GMM
 from emdist.models.mstep import MStepOptions
 from emdist.tasks import GLOBAL_LABEL, one_blas_thread
 
-__all__ = [
-    "ConvergenceMonitor",
-    "IterationRecord",
-    "LikelihoodDecreaseWarning",
-    "TrainConfig",
-    "make_shards",
-    "train",
-]
-
 log = logging.getLogger("emdist")
 
 
