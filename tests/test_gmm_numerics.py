@@ -24,6 +24,7 @@ from scipy.stats import multivariate_normal
 
 from emdist.errors import EmdistError
 from emdist.models import estep
+from emdist.models import kernel as kernel_module
 from emdist.models.estep import Accumulator, EStepOptions, accumulate, make_kernel
 from emdist.models.gmm import GMM, expand_features
 from emdist.models.initialize import centres_model, kmeans_plus_plus
@@ -292,6 +293,19 @@ def test_stacked_scoring_equals_one_scorer_per_model(cov_type):
         np.testing.assert_allclose(totals, one_by_one, rtol=1e-13)
         reference = [logsumexp(scipy_component_ll(m, piece), axis=1).sum() for m in models]
         np.testing.assert_allclose(totals, reference, rtol=1e-10)
+
+
+def test_stacked_scoring_bounds_its_chunk_by_the_number_of_scores(monkeypatch):
+    rng = np.random.default_rng(8)
+    models = [random_gmm(rng, 4, 5, "diag") for _ in range(3)]
+    frames = sample(rng, models[0], 100)
+    kernels = [make_kernel(m, EStepOptions()) for m in models]
+    monkeypatch.setattr(kernel_module, "STACK_ENTRIES", 12 * 7)  # 12 Gaussians: 7 frames
+    small = StackedScorer(kernels, 1024)
+    assert small.rows.capacity == 7
+    np.testing.assert_allclose(small.totals(frames),
+                               [Scorer(k, 1024).frame_log_likelihood(frames).sum()
+                                for k in kernels], rtol=1e-13)
 
 
 def test_kernels_of_different_layouts_are_not_stacked(synthetic):

@@ -267,8 +267,9 @@ class StackedScorer:
             fast[at : at + kernel.n_components] = kernel.fast
             fast[at + kernel.n_components : at + self.k, 0] = _ABSENT
         self.fast = fast
-        self.rows = Rows(first, chunk_size)
-        self._log_like = np.empty((self.n_models, self.k, chunk_size), dtype=first.dtype)
+        capacity = max(1, min(chunk_size, STACK_ENTRIES // len(fast)))
+        self.rows = Rows(first, capacity)
+        self._log_like = np.empty((self.n_models, self.k, capacity), dtype=first.dtype)
 
     @staticmethod
     def fits(kernels) -> bool:
@@ -302,6 +303,8 @@ class StackedScorer:
         return totals
 
 
+STACK_ENTRIES = 1 << 22
+"""Scores per chunk of a :class:`StackedScorer` at most (32 MiB in float64)."""
 _ABSENT = -(2.0**60)
 """The log2-constant of a padding Gaussian in :class:`StackedScorer`: at least 2⁶⁰ below
 any real Gaussian's log2-likelihood, it is flushed to an exact zero."""
