@@ -3,6 +3,7 @@ workers and cache modes. Real processes on 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -104,6 +105,46 @@ def test_remote_scheduler_gives_the_embedded_cluster_bytes(subset, serial_bytes,
     assert (tmp_path / "remote" / "final.mdl").read_bytes() == final
     assert (tmp_path / "file" / "final.mdl").read_bytes() == final
     assert final == serial_bytes
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["address", "scheduler-file"])
+def test_refused_connection_fails_within_5_s_whatever_the_wait_timeout(subset, tmp_path, how):
+    """A refused connection is final (issue 12): no waiting for --wait-timeout."""
+    address = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    if how == "address":
+        option = ["--scheduler", address]
+    else:
+        sched_file = tmp_path / "scheduler.json"
+        sched_file.write_text(json.dumps({"address": address}))
+        option = ["--scheduler-file", sched_file]
+    t0 = time.monotonic()
+    res = _emdist("train", subset, tmp_path / "exp", *option, "--wait-timeout", "60",
+                  timeout=50)
+    assert time.monotonic() - t0 < 5 + 3  # 3 s of refusals tolerated, plus start-up
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("emdist: error:")]
+    assert len(errors) == 1 and "connection refused" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "exp" / "0.mdl").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_scheduler_that_does_not_answer_is_waited_for_wait_timeout(subset, tmp_path):
+    """Something listens but never speaks Dask: wait --wait-timeout, then one error line."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel's backlog, never answered
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        res = _emdist("train", subset, tmp_path / "exp", "--scheduler",
+                      f"tcp://127.0.0.1:{port}", "--wait-timeout", "4", timeout=50)
+        waited = time.monotonic() - t0
+    assert 4 <= waited < 30
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("emdist: error:")]
+    assert len(errors) == 1 and "cannot reach the Dask scheduler" in errors[0], res.stderr
+    assert "refused" not in errors[0]
 
 
 @pytest.mark.timeout(60)

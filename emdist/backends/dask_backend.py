@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
+import socket
+import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +38,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster, as_completed, wait
 from distributed.client import FutureCancelledError
+from distributed.comm.addressing import parse_address, parse_host_port
 
 from emdist.backends import forkserver
 from emdist.backends.base import JobFailure, JobsFailed
@@ -78,6 +83,73 @@ def _nbytes(value) -> int:
         return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     nbytes = getattr(value, "nbytes", 0)
     return nbytes if isinstance(nbytes, int) else 0
+
+
+REFUSED_SECONDS = 3.0
+"""How long a refused connection to a scheduler is retried (a scheduler that is just
+starting) before it is an error."""
+
+
+ANSWER_GRACE = 2.0
+"""Seconds past ``--wait-timeout`` after which a scheduler that accepted the connection but
+never answered is given up (Dask's client waits for its handshake without a limit)."""
+
+
+def _client_within(timeout: float, **kwargs) -> Client:
+    """``Client(timeout=timeout, **kwargs)``, or TimeoutError when it is not up shortly
+    after ``timeout``: built in a daemon thread, which a silent peer may leave behind until
+    the process ends."""
+    box: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            box["client"] = Client(timeout=timeout, **kwargs)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=build, name="emdist-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + ANSWER_GRACE)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s (--wait-timeout); is a Dask "
+                           "scheduler listening there?")
+    if "error" in box:
+        raise box["error"]
+    return box["client"]
+
+
+def _scheduler_file_address(path: str | None) -> str | None:
+    """The address a Dask scheduler file holds, if it exists and holds one."""
+    if not path:
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh).get("address")
+    except (OSError, ValueError, AttributeError):
+        return None  # Dask's client waits for the file, or says what is wrong with it
+
+
+def _refused(address: str, seconds: float) -> bool:
+    """Whether every TCP connection to ``address`` (tcp:// or tls://) was refused for
+    ``seconds``; False as soon as one connects or the host does not answer at all."""
+    try:
+        scheme, location = parse_address(address)
+        if scheme not in ("tcp", "tls"):
+            return False
+        host, port = parse_host_port(location)
+    except (ValueError, TypeError):
+        return False
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, seconds)):
+                return False
+        except ConnectionRefusedError:
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.25)
+        except OSError:  # no answer, no route: Dask's client waits for --wait-timeout
+            return False
 
 
 def _placement(source, j: int, workers: list[str]) -> dict:
@@ -155,13 +227,19 @@ class DaskBackend:
     @classmethod
     def connect(cls, address: str | None = None, scheduler_file: str | None = None,
                 timeout: float = 30.0, n_workers: int = 1) -> DaskBackend:
-        """Attach to a running scheduler, wait for ``n_workers`` workers, check versions."""
+        """Attach to a running scheduler, wait for ``n_workers`` workers, check versions.
+
+        A refused connection is final: it fails within :data:`REFUSED_SECONDS` (Dask's
+        client would retry it for the whole ``timeout``); an address that does not answer
+        is waited for ``timeout`` seconds."""
         target = address or scheduler_file
+        probe = address or _scheduler_file_address(scheduler_file)
+        if probe and _refused(probe, min(REFUSED_SECONDS, timeout)):
+            raise RuntimeFailure(
+                f"cannot reach the Dask scheduler at {target}: connection refused (nothing "
+                "listens there); start the scheduler first, or check the address")
         try:
-            if scheduler_file:
-                client = Client(scheduler_file=scheduler_file, timeout=timeout)
-            else:
-                client = Client(address, timeout=timeout)
+            client = _client_within(timeout, address=address, scheduler_file=scheduler_file)
         except (OSError, TimeoutError, ValueError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RuntimeFailure(f"cannot reach the Dask scheduler at {target}: {reason}") \
