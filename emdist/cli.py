@@ -320,6 +320,7 @@ def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) ->
     from emdist.models.mstep import MStepOptions
 
     config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
+    ExpDir(exp_dir).check_path()  # before reading data or starting workers
     data = load_data_dir(data_dir or _default_data("train"),
                          require_labels=not config.global_mode)
     log.info("data %s: %d utterances, %d frames, dim %d", data.path, len(data.utts),

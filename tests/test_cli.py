@@ -175,6 +175,8 @@ BAD_CASES = {
     "missing-data": (["train", "{root}/no-such-dir", "{exp}"], "no-such-dir"),
     "unsorted-text": (["train", "{unsorted}", "{exp}"], "not sorted"),
     "missing-model": (["test", "{root}/no-such-exp", "{train}"], "no-such-exp"),
+    "exp-is-a-file": (["train", "{train}", "{file}"], "is a file, not a directory"),
+    "exp-under-a-file": (["train", "{train}", "{file}/exp"], "is a file, not a directory"),
 }
 
 
@@ -182,8 +184,11 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_exits_2_with_one_line(root, train_dir, tmp_path, case):
     args, expected = BAD_CASES[case]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not an exp dir\n")
     names = dict(
-        train=train_dir, exp=tmp_path / "exp", root=root, unsorted=_unsorted_copy(train_dir, root)
+        train=train_dir, exp=tmp_path / "exp", root=root, unsorted=_unsorted_copy(train_dir, root),
+        file=a_file,
     )
     argv = [a.format(**names) for a in args]
     if "--workers" not in argv:
@@ -196,6 +201,7 @@ def test_bad_input_exits_2_with_one_line(root, train_dir, tmp_path, case):
     assert expected in lines[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "exp" / "0.mdl").exists()
+    assert a_file.read_text() == "not an exp dir\n"
 
 
 @pytest.mark.timeout(30)

@@ -89,6 +89,7 @@ class ExpDir:
         first; without it, a directory holding a run with other options is refused and one
         with the same options is resumed.
         """
+        self.check_path()
         old = self.read_config()
         if overwrite:
             self.clear()
@@ -107,6 +108,16 @@ class ExpDir:
         for stale in [*self.path.glob(".*.tmp"), *self.log_dir.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)  # left by a killed run; never under a final name
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def check_path(self) -> None:
+        """The exp dir is a directory, or can be made: a file in the way is a user error."""
+        for path in (self.path, *self.path.absolute().parents):
+            if path.exists():
+                if not path.is_dir():
+                    inside = "" if path == self.path else f" (on the way to {self.path})"
+                    raise UserError(f"{path}{inside} is a file, not a directory; give EXP_DIR "
+                                    "a directory (it is created if missing)")
+                return
 
     def clear(self) -> None:
         """Remove what a training run writes (models, logs, metrics, config)."""
