@@ -315,6 +315,7 @@ def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) ->
     _start_fork_server(*backend_args)
     from emdist.data.datadir import load_data_dir
     from emdist.engine import TrainConfig, train
+    from emdist.errors import WriteFailure
     from emdist.io.expdir import ExpDir
     from emdist.models.estep import EStepOptions
     from emdist.models.mstep import MStepOptions
@@ -335,6 +336,8 @@ def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) ->
             log.info("dashboard: %s", backend.dashboard_link())
         train(data, config, backend, ExpDir(exp_dir), on_record=_record_printer(progress),
               progress=progress, **run)
+    except WriteFailure as exc:  # say what the full (or read-only) disk left intact
+        raise exc.with_kept(ExpDir(exp_dir).kept()) from None
     finally:
         backend.close()
     log.info("wrote %s", Path(exp_dir) / "final.mdl")
@@ -388,6 +391,7 @@ def test_(
 
 def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int) -> None:
     from emdist.data.datadir import load_data_dir
+    from emdist.errors import WriteFailure
     from emdist.io.modelio import load_models
     from emdist.recognizer import evaluate, evaluate_global, write_results
     from emdist.tasks import GLOBAL_LABEL
@@ -406,7 +410,12 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
     finally:
         backend.close()
     out = Path(exp_dir) / f"decode_{data.name}" / "results.json"
-    write_results(results, out)
+    try:
+        write_results(results, out)
+    except WriteFailure as exc:
+        raise exc.with_kept("the models are untouched and no partial results.json exists; "
+                            "free space (or fix the permissions), then rerun emdist test") \
+            from None
     log.info("wrote %s", out)
     typer.echo(results.summary_line())
 

@@ -43,5 +43,22 @@ class RuntimeFailure(EmdistError):
     exit_code = 1
 
 
+class WriteFailure(RuntimeFailure):
+    """A file could not be written (no space left, no permission, a read-only file system).
+    The message names the file; ``kept`` is filled in by whoever knows what stays intact
+    (the exp dir's last complete model). Exit status 1."""
+
+    def __init__(self, path, reason: str, kept: str = "") -> None:
+        self.path, self.reason, self.kept = str(path), reason, kept
+        tail = f"; {kept}" if kept else ""
+        super().__init__(f"cannot write {path}: {reason}{tail}")
+
+    def with_kept(self, kept: str) -> WriteFailure:
+        return WriteFailure(self.path, self.reason, kept)
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.kept))
+
+
 class EmdistWarning(UserWarning):
     """Base class of emdist's warnings (the test suite turns them into errors)."""

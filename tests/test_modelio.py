@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from emdist.errors import UserError
+from emdist.errors import UserError, WriteFailure
 from emdist.io.modelio import load_models, load_stats, save_models, save_stats
 from emdist.models.gmm import GMM
 from emdist.models.stats import GmmStats
@@ -150,7 +150,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch, ki
         raise OSError("simulated failure of rename")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteFailure, match=r"cannot write .*x\.mdl: simulated"):
         save(path, new)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["x.mdl"]
@@ -163,7 +163,7 @@ def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("simulated failure of rename")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailure):
         save_models(tmp_path / "x.mdl", model_map("full"))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []

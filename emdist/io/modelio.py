@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emdist.errors import UserError
+from emdist.errors import UserError, WriteFailure
 from emdist.models.gmm import GMM
 from emdist.models.stats import GmmStats
 
@@ -36,18 +36,26 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename: ``path``
+    holds its old content or the new one, never a part. A file-system error (no space, no
+    permission, read-only) is a :class:`WriteFailure` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise WriteFailure(path, exc.strerror or str(exc)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
