@@ -22,10 +22,11 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str):
+def tmpfs(path: Path, size: str, read_only: bool = False):
     path.mkdir(parents=True, exist_ok=True)
+    flags = f"size={size}" + (",ro" if read_only else "")
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", flags, "tmpfs", str(path)],
                               capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
@@ -108,3 +109,14 @@ def test_a_disk_that_is_full_when_test_writes_its_results(train_dir, tmp_path):
         assert {p: p.read_bytes() for p in exp.glob("*.mdl")} == before
         assert not (exp / "decode_train" / "results.json").exists()
         assert _no_temporaries(disk)
+
+
+@pytest.mark.timeout(60)
+def test_a_read_only_file_system_is_named(train_dir, tmp_path):
+    with tmpfs(tmp_path / "disk", "1m", read_only=True) as disk:
+        result = invoke("train", train_dir, disk / "exp", "--workers", "0", "-q")
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+        assert re.match(rf"emdist: error: cannot write {disk}/exp: Read-only file system; "
+                        "no model was written yet", lines[0]), lines[0]

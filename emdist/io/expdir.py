@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from emdist.errors import UserError
+from emdist.errors import UserError, WriteFailure
 from emdist.io.modelio import atomic_write_bytes, atomic_write_text, load_models, save_models
 from emdist.models.gmm import GMM
 from emdist.tasks import JobReport
@@ -103,8 +103,11 @@ class ExpDir:
             raise UserError(
                 f"{self.path} holds models but no config.json; use another exp dir or --overwrite"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.log_dir.mkdir(exist_ok=True)
+        except OSError as exc:  # a read-only or full file system, no permission
+            raise WriteFailure(exc.filename or self.path, exc.strerror or str(exc)) from None
         for stale in [*self.path.glob(".*.tmp"), *self.log_dir.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)  # left by a killed run; never under a final name
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
