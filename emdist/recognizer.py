@@ -72,7 +72,9 @@ def score(
         parts = backend.map(score_shard, shards, dict(models), options or EStepOptions())
     except JobsFailed as failed:
         first = failed.failures[0]
-        raise RuntimeFailure(
+        kind = UserError if all(isinstance(f.error, UserError) for f in failed.failures) \
+            else RuntimeFailure
+        raise kind(
             f"{len(failed.failures)} / {failed.total} scoring jobs failed; job "
             f"{first.index + 1}: {first.error}"
         ) from None

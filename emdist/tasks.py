@@ -8,9 +8,11 @@ which the driver writes the Kaldi-style job log.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emdist.data.datadir import Utterance, load_feats
-from emdist.errors import DataError
+from emdist.errors import DataError, UserError
 from emdist.models.estep import Accumulator, EStepOptions, make_kernel
 from emdist.models.gmm import GMM
 from emdist.models.gselect import Selection, accumulate_selected, select
@@ -95,6 +97,48 @@ class JobReport:
     lines: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class BadData:
+    """What a task returns in place of its result when its shard's data are bad (a
+    :class:`UserError`, such as NaN features): a value, not an exception, so that Dask does
+    not retry a task that would fail again. Every task and tree-sum node that receives one
+    passes it on; the backends raise it on the driver as a failed job."""
+
+    job: int
+    error: UserError
+    traceback: str
+
+
+def _bad_in(value) -> BadData | None:
+    if isinstance(value, BadData):
+        return value
+    if isinstance(value, tuple):
+        return next((v for v in value if isinstance(v, BadData)), None)
+    return None
+
+
+def data_errors_as_values(func):
+    """Run ``func``; a :class:`UserError` it raises, or a :class:`BadData` among its
+    arguments, becomes its :class:`BadData` result."""
+
+    @functools.wraps(func)
+    def run(*args):
+        for arg in args:
+            bad = _bad_in(arg)
+            if bad is not None:
+                return bad
+        try:
+            return func(*args)
+        except UserError as exc:
+            try:
+                job = _shard_of(args[0]).job
+            except (AttributeError, IndexError, TypeError):
+                job = 0
+            return BadData(job, exc, traceback.format_exc())
+
+    return run
+
+
 @contextmanager
 def one_blas_thread():
     """Pin BLAS (and OpenMP) to one thread inside the block."""
@@ -127,6 +171,7 @@ def hold(shard: Shard) -> Shard:
     return shard
 
 
+@data_errors_as_values
 def load_shard(shard: Shard) -> LoadedShard:
     """Read a shard once, to keep it in worker memory (``--feature-cache memory``)."""
     with one_blas_thread():
@@ -154,6 +199,7 @@ def _global_frames(source: Shard | LoadedShard) -> np.ndarray:
     return np.concatenate([frames for _, frames in iter_frames(source)])
 
 
+@data_errors_as_values
 def select_shard(source: Shard | LoadedShard, models: Mapping[str, GMM],
                  options: EStepOptions, n_select: int) -> SelectedShard | Selection:
     """Gaussian selection of a ``--global`` shard under ``models["global"]``: kept with
@@ -183,6 +229,7 @@ def _acc_selected(source, models: Mapping[str, GMM], options: EStepOptions):
     return {GLOBAL_LABEL: stats}, line
 
 
+@data_errors_as_values
 def acc_shard(
     source: Source,
     models: Mapping[str, GMM],
@@ -223,12 +270,17 @@ def _acc_plain(source: Shard | LoadedShard, models: Mapping[str, GMM], options: 
 
 
 def reduce_group(*results: tuple[StatsMap, list[JobReport]]) -> tuple[StatsMap, list[JobReport]]:
-    """Add the results of consecutive shards left to right (one node of the tree sum)."""
+    """Add the results of consecutive shards left to right (one node of the tree sum); the
+    first :class:`BadData` among them, if any, is the node's result."""
+    bad = next((r for r in results if isinstance(r, BadData)), None)
+    if bad is not None:
+        return bad
     stats = sum_group([r[0] for r in results], add_maps)
     reports = [rep for r in results for rep in r[1]]
     return stats, reports
 
 
+@data_errors_as_values
 def sample_shard(source: Shard | LoadedShard, stride: int,
                  starts: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Every ``stride``-th frame of each label's stream; ``starts`` are the utterances'
@@ -251,6 +303,7 @@ def sample_shard(source: Shard | LoadedShard, stride: int,
         return {k: np.concatenate(v) for k, v in sorted(pieces.items())}
 
 
+@data_errors_as_values
 def score_shard(
     source: Shard, models: Mapping[str, GMM], options: EStepOptions
 ) -> list[tuple[str, dict[str, float]]]:

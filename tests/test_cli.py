@@ -218,15 +218,13 @@ def test_bad_workers_value_is_refused_in_one_line_before_reading_data(train_dir,
 
 @pytest.mark.timeout(30)
 def test_truncated_ark_fails_in_one_line_naming_the_job_log(tmp_path):
-    # Fails (emdist bugs, see test_engine's unreadable-shard tests): with the default
-    # options the error is a bare "JobsFailed: 1 / 2 jobs failed" (--init kmeans) or the
-    # raw DataError of the feature cache (--init mixup), with no job log either way.
+    # A truncated ark is bad data: exit 2 (issue 12), one line naming the job's log.
     data = write_data_dir(tmp_path / "data", seed=0)
     last = (data / "feats.scp").read_text().splitlines()[-1]
     offset = int(last.rsplit(":", 1)[1])
     os.truncate(data / "feats.ark", offset + 40)  # headers still read; last matrix cut short
     result = invoke("train", data, tmp_path / "exp", "--workers", "0", *TINY)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(lines) == 1, result.stderr

@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+import kaldiio
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -34,13 +35,14 @@ from typer.testing import CliRunner
 
 import emdist.backends.dask_backend as dask_backend
 import emdist.cli as cli
+import emdist.tasks as tasks
 from emdist.backends import starting
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
 from emdist.backends.starting import StartingCluster
 from emdist.data.datadir import load_data_dir
 from emdist.engine import TrainConfig, make_shards, train
-from emdist.errors import RuntimeFailure
+from emdist.errors import EmdistError, RuntimeFailure
 from emdist.io.expdir import ExpDir
 from emdist.models.estep import EStepOptions
 from emdist.tasks import acc_shard
@@ -446,3 +448,44 @@ def test_small_jobs_script_times_the_digits_job_and_finds_the_same_bytes(tmp_pat
     row = result["workers"]["2"]
     assert row["median_s"] > 0 and row["ratio"] > 0 and row["target"] == "<= 1.2"
     assert isinstance(row["met"], bool)
+
+
+# -- bad data is not retried -----------------------------------------------------------------
+
+
+def _nan_data_dir(root: Path) -> tuple[Path, str]:
+    """A data dir whose third utterance has a NaN frame (in its own ark, rewritten)."""
+    data = write_data_dir(root / "nan", seed=3)
+    scp = (data / "feats.scp").read_text().splitlines()
+    utt, _ = scp[2].split(maxsplit=1)
+    feats = dict(kaldiio.load_scp(str(data / "feats.scp")))
+    feats[utt] = feats[utt].copy()
+    feats[utt][5, 0] = np.nan
+    kaldiio.save_ark(str(data / "feats.ark"), feats, scp=str(data / "feats.scp"))
+    return data, utt
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_bad_data_on_a_worker_is_a_user_error_and_is_not_retried(threads, tmp_path, cache,
+                                                                  monkeypatch):
+    """NaN features fail their shard's task once (Dask retries an exception twice): the
+    driver gets the data error, exit status 2, naming the utterance."""
+    data, utt = _nan_data_dir(tmp_path)
+    reads = []
+    read = tasks.read_utterance
+
+    def counting_read(u):  # the workers are threads of this process: one counter
+        if u.utt_id == utt:
+            reads.append(u.utt_id)
+        return read(u)
+
+    monkeypatch.setattr(tasks, "read_utterance", counting_read)
+    config = TrainConfig(num_gauss=2, covariance_type="diag", num_iters=1, nj=3)
+    with pytest.raises(EmdistError) as info:
+        train(load_data_dir(data), config, threads, ExpDir(tmp_path / "exp"),
+              feature_cache=cache)
+    assert info.value.exit_code == 2
+    assert utt in str(info.value) and "NaN" in str(info.value)
+    assert "1 / 3 jobs failed" in str(info.value)
+    assert reads == [utt]  # read once: not retried

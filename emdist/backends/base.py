@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from emdist.tasks import BadData
+
 
 @dataclass(frozen=True)
 class JobFailure:
@@ -23,6 +25,16 @@ class JobsFailed(Exception):
         super().__init__(f"{len(failures)} / {total} jobs failed")
         self.failures = failures
         self.total = total
+
+
+def raise_bad_data(results: Sequence, total: int | None = None, by_job: bool = False) -> None:
+    """Raise :class:`JobsFailed` for the :class:`~emdist.tasks.BadData` among ``results``:
+    task results in shard order, or (``by_job``) tree-sum results, whose job names the
+    shard."""
+    failures = [JobFailure(r.job - 1 if by_job else i, r.error, r.traceback)
+                for i, r in enumerate(results) if isinstance(r, BadData)]
+    if failures:
+        raise JobsFailed(failures, len(results) if total is None else total)
 
 
 class Backend(Protocol):

@@ -41,7 +41,7 @@ from distributed.client import FutureCancelledError
 from distributed.comm.addressing import parse_address, parse_host_port
 
 from emdist.backends import forkserver
-from emdist.backends.base import JobFailure, JobsFailed
+from emdist.backends.base import JobFailure, JobsFailed, raise_bad_data
 from emdist.errors import RuntimeFailure
 from emdist.tasks import load_shard, reduce_group
 
@@ -453,7 +453,9 @@ class DaskBackend:
         def run():
             futures = self._submit_all(func, sources, args)
             self._wait(futures, on_done)
-            return self.client.gather(futures)
+            results = self.client.gather(futures)
+            raise_bad_data(results)
+            return results
 
         return self._retry_lost(run)
 
@@ -482,7 +484,9 @@ class DaskBackend:
             # the next pass's tasks back.
             self._held = futures + tree
         self._wait(futures, on_done)
-        return level[0].result()
+        result = level[0].result()
+        raise_bad_data([result], total=len(sources), by_job=True)
+        return result
 
     def close(self) -> None:
         self.client.close()

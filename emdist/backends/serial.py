@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from emdist.backends.base import JobFailure, JobsFailed
+from emdist.backends.base import JobFailure, JobsFailed, raise_bad_data
 from emdist.errors import EmdistError
 from emdist.models.stats import tree_sum
 from emdist.tasks import load_shard, reduce_group
@@ -52,6 +52,7 @@ class SerialBackend:
                 on_done(i)
         if failures:
             raise JobsFailed(failures, len(sources))
+        raise_bad_data(results)
         return results
 
     def map_reduce(self, func: Callable, sources: Sequence, *args: Any, fan_in: int = 8,

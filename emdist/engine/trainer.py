@@ -165,9 +165,12 @@ class Trainer:
                 self.exp.write_job_log(stage, i, command, report)
         return stats
 
-    def job_failure(self, failed: JobsFailed, stage: str, i: int, command: str) -> RuntimeFailure:
-        """Write the failed jobs' logs; one runtime failure (exit 1, as run.pl's "k / n jobs
-        failed") naming the first job, its utterances, its log and its error."""
+    def job_failure(self, failed: JobsFailed, stage: str, i: int,
+                    command: str) -> RuntimeFailure | UserError:
+        """Write the failed jobs' logs; one error naming the first job, its utterances, its
+        log and its error: a user error (exit 2) when every job failed on bad data (the
+        tasks do not retry those), else a runtime failure (exit 1, as run.pl's "k / n jobs
+        failed")."""
         first = failed.failures[0]
         where = ""
         for f in failed.failures:
@@ -178,6 +181,8 @@ class Trainer:
         utts = f"{shard.utts[0].utt_id} .. {shard.utts[-1].utt_id}"
         summary = (f"{len(failed.failures)} / {failed.total} jobs failed{where}; "
                    f"job {shard.job} ({utts}): {first.error}")
+        if all(isinstance(f.error, UserError) for f in failed.failures):
+            return UserError(summary)
         return RuntimeFailure(summary)
 
     def update(self, models, stats: StatsMap, options: MStepOptions | None = None):
