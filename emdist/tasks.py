@@ -269,12 +269,10 @@ def _acc_plain(source: Shard | LoadedShard, models: Mapping[str, GMM], options: 
         return {key: accs[key].finish() for key in sorted(accs)}
 
 
+@data_errors_as_values
 def reduce_group(*results: tuple[StatsMap, list[JobReport]]) -> tuple[StatsMap, list[JobReport]]:
     """Add the results of consecutive shards left to right (one node of the tree sum); the
     first :class:`BadData` among them, if any, is the node's result."""
-    bad = next((r for r in results if isinstance(r, BadData)), None)
-    if bad is not None:
-        return bad
     stats = sum_group([r[0] for r in results], add_maps)
     reports = [rep for r in results for rep in r[1]]
     return stats, reports

@@ -291,14 +291,8 @@ class StackedScorer:
             offset = rows.offsets(n)
             out = self._log_like[:, :, :n]
             np.matmul(self.fast, rows.block(n), out=out.reshape(-1, n))
-            top = out.max(axis=1)  # (M, n)
-            check_finite(top)
-            out -= top[:, None, :]
-            np.maximum(out, -FLUSH_BITS, out=out)
-            np.exp2(out, out=out)
-            out -= out.dtype.type(FLUSH_FLOOR)
-            total = out.sum(axis=1, dtype=np.float64)
-            frame = offset + LN2 * (top + np.log2(total))
+            top, total = posteriors_of(out)  # (M, n) each
+            frame = offset + LN2 * (top + np.log2(total, dtype=np.float64))
             totals += frame.sum(axis=1)
         return totals
 
@@ -407,14 +401,15 @@ def posteriors(kernel: Kernel, rows: np.ndarray, out: np.ndarray):
 
 
 def posteriors_of(log2_like: np.ndarray):
-    """The posterior steps of :func:`posteriors` on given log2-likelihoods (K, n), in place."""
-    top = log2_like.max(axis=0)
+    """The posterior steps of :func:`posteriors` on given log2-likelihoods (K, n), in place;
+    also on a stack of them (M, K, n), one model each, giving tops and totals (M, n)."""
+    top = log2_like.max(axis=-2)
     check_finite(top)
-    log2_like -= top
+    log2_like -= top[..., None, :]
     np.maximum(log2_like, -FLUSH_BITS, out=log2_like)
     np.exp2(log2_like, out=log2_like)
     log2_like -= log2_like.dtype.type(FLUSH_FLOOR)  # flushed entries, exactly 2^-82, become 0
-    total = np.matmul(_ones(len(log2_like), log2_like.dtype), log2_like)
+    total = np.matmul(_ones(log2_like.shape[-2], log2_like.dtype), log2_like)
     return top, total
 
 
