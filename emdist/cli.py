@@ -58,6 +58,12 @@ app = typer.Typer(
 )
 
 
+class Model(str, Enum):
+    gmm = "gmm"
+    hmm = "hmm"
+    kmeans = "kmeans"
+
+
 class Cov(str, Enum):
     diag = "diag"
     full = "full"
@@ -238,7 +244,17 @@ def train(
     scheduler_file: SchedulerFile = None,
     wait_workers: WaitWorkers = 1,
     wait_timeout: WaitTimeout = 60.0,
-    num_gauss: Annotated[int, typer.Option(help="Gaussians per model.")] = 4,
+    model: Annotated[Model, typer.Option(
+        help="Model kind: a GMM per word (or --global); a left-to-right GMM-HMM per word "
+        "trained by Baum-Welch; a k-means (VQ) codebook per word.")] = Model.gmm,
+    num_gauss: Annotated[int, typer.Option(help="Gaussians per model (per HMM state; "
+                                           "centres per codebook).")] = 4,
+    num_states: Annotated[int, typer.Option(help="Emitting states per word (--model hmm).")]
+    = 5,
+    skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Allow each HMM state to "
+                                       "skip the next one (--model hmm).")] = False,
+    viterbi: Annotated[bool, typer.Option(help="Viterbi training: the best state path instead "
+                                          "of forward-backward (--model hmm).")] = False,
     cov: Annotated[Cov, typer.Option(help="Covariance type.")] = Cov.full,
     num_iters: Annotated[int, typer.Option(help="Maximum EM iterations.")] = 10,
     init: Annotated[Init, typer.Option(help="Kaldi-style mix-up, or k-means++ and Lloyd.")]
@@ -289,9 +305,11 @@ def train(
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train one GMM per word of DATA_DIR/text (or one --global GMM) into EXP_DIR."""
+    """Train one model per word of DATA_DIR/text (or one --global model) into EXP_DIR: a
+    GMM, a GMM-HMM (--model hmm) or a k-means codebook (--model kmeans)."""
     _setup_logging(verbose, quiet)
     options = dict(
+        model=model.value, num_states=num_states, skip=skip, viterbi=viterbi,
         num_gauss=num_gauss, covariance_type=cov.value, num_iters=num_iters, init=init.value,
         nj=nj, global_mode=global_, seed=seed, tol=tol, kmeans_iters=kmeans_iters,
         mixup_iters=mixup_iters, perturb_factor=perturb_factor, gselect=gselect,
@@ -368,6 +386,8 @@ def test_(
         help="Kaldi data dir to recognise. [default: the bundled digits test set]",
         show_default=False)] = None,
     model: Annotated[str, typer.Option(help="Model in EXP_DIR to score with.")] = "final.mdl",
+    viterbi: Annotated[bool, typer.Option(help="Score HMMs by their best state path instead "
+                                          "of the forward total.")] = False,
     workers: Workers = None,
     scheduler: Scheduler = None,
     scheduler_file: SchedulerFile = None,
@@ -386,12 +406,13 @@ def test_(
     _setup_logging(verbose, quiet)
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout, None,
                     short_pass)
-    _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj)
+    _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj, viterbi)
 
 
-def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int) -> None:
+def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int,
+          viterbi: bool = False) -> None:
     from emdist.data.datadir import load_data_dir
-    from emdist.errors import WriteFailure
+    from emdist.errors import UserError, WriteFailure
     from emdist.io.modelio import load_models
     from emdist.recognizer import evaluate, evaluate_global, write_results
     from emdist.tasks import GLOBAL_LABEL
@@ -399,6 +420,9 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
     _check_backend_args(*backend_args)
     _start_fork_server(*backend_args)
     models = load_models(Path(exp_dir) / model)
+    if viterbi and type(next(iter(models.values()))).kind != "hmm":
+        raise UserError(f"--viterbi scores HMMs; {Path(exp_dir) / model} holds "
+                        f"{type(next(iter(models.values()))).kind} models")
     ubm = set(models) == {GLOBAL_LABEL}
     data = load_data_dir(data_dir or _default_data("test"), require_labels=not ubm)
     backend = _backend(*backend_args)
@@ -406,7 +430,7 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
         if ubm:
             results = evaluate_global(models[GLOBAL_LABEL], data, backend, nj)
         else:
-            results = evaluate(models, data, backend, nj)
+            results = evaluate(models, data, backend, nj, best_path=viterbi)
     finally:
         backend.close()
     out = Path(exp_dir) / f"decode_{data.name}" / "results.json"

@@ -1,5 +1,7 @@
 """Isolated-word recognition: each utterance goes to the model with the highest total
-log-likelihood ``Σ_t log p(x_t | word)``; error rate and confusion matrix against ``text``.
+score, the log-likelihood ``log p(x_1..x_T | word)`` (a GMM's ``Σ_t log p(x_t)``, an HMM's
+forward total or best path) or minus the distortion of a k-means codebook; error rate and
+confusion matrix against ``text``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from emdist.data.datadir import DataDir, split_by_frames
 from emdist.errors import RuntimeFailure, UserError
 from emdist.io.modelio import atomic_write_text
 from emdist.models.estep import EStepOptions
-from emdist.models.gmm import GMM
 from emdist.tasks import GLOBAL_LABEL, Shard, score_shard
 
 
@@ -57,10 +58,12 @@ class Results:
 
 
 def score(
-    models: Mapping[str, GMM], data: DataDir, backend: Backend, nj: int = 8,
-    options: EStepOptions | None = None,
+    models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
+    options: EStepOptions | None = None, best_path: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Total log-likelihood of every utterance under every model: ``{utt: {label: ll}}``."""
+    """Total score of every utterance under every model: ``{utt: {label: score}}``: the
+    log-likelihood (an HMM's forward total, or its best path with ``best_path``), or minus
+    the distortion for k-means codebooks."""
     dims = {m.dim for m in models.values()}
     if dims != {data.dim}:
         raise UserError(
@@ -69,7 +72,8 @@ def score(
     shards = [Shard(i, part, tuple(GLOBAL_LABEL for _ in part))
               for i, part in enumerate(split_by_frames(data.utts, nj))]
     try:
-        parts = backend.map(score_shard, shards, dict(models), options or EStepOptions())
+        parts = backend.map(score_shard, shards, dict(models), options or EStepOptions(),
+                            best_path)
     except JobsFailed as failed:
         first = failed.failures[0]
         kind = UserError if all(isinstance(f.error, UserError) for f in failed.failures) \
@@ -89,9 +93,10 @@ def decide(scores: Mapping[str, float]) -> tuple[str, float]:
     return labels[best], float(values[best])
 
 
-def evaluate(models: Mapping[str, GMM], data: DataDir, backend: Backend, nj: int = 8,
-             options: EStepOptions | None = None) -> Results:
-    """Recognise every utterance of ``data`` and compare with its ``text`` label."""
+def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
+             options: EStepOptions | None = None, best_path: bool = False) -> Results:
+    """Recognise every utterance of ``data`` (the model with the highest score) and compare
+    with its ``text`` label."""
     if not data.has_text:
         raise UserError(f"{data.path}: no text file; scoring needs reference labels")
     unknown = sorted({u.label for u in data.utts} - set(models))
@@ -100,7 +105,7 @@ def evaluate(models: Mapping[str, GMM], data: DataDir, backend: Backend, nj: int
             f"{data.path}/text: label {unknown[0]!r} has no model (models: "
             f"{', '.join(sorted(models))})"
         )
-    scores = score(models, data, backend, nj, options)
+    scores = score(models, data, backend, nj, options, best_path)
     labels = sorted(models)
     index = {lab: i for i, lab in enumerate(labels)}
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
@@ -141,9 +146,10 @@ class LikelihoodResults:
         }
 
 
-def evaluate_global(model: GMM, data: DataDir, backend: Backend, nj: int = 8,
+def evaluate_global(model, data: DataDir, backend: Backend, nj: int = 8,
                     options: EStepOptions | None = None) -> LikelihoodResults:
-    """Total log-likelihood of every utterance of ``data`` under one global model."""
+    """Total score of every utterance of ``data`` under one global model (log-likelihood;
+    minus the distortion for a k-means codebook)."""
     scores = score({GLOBAL_LABEL: model}, data, backend, nj, options)
     utts = [{"utt": u.utt_id, "frames": u.num_frames, "score": scores[u.utt_id][GLOBAL_LABEL]}
             for u in data.utts]

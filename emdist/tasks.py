@@ -21,10 +21,10 @@ import numpy as np
 
 from emdist.data.datadir import Utterance, load_feats
 from emdist.errors import DataError, UserError
-from emdist.models.estep import Accumulator, EStepOptions, make_kernel
+from emdist.models.estep import EStepOptions, make_kernel
 from emdist.models.gmm import GMM
 from emdist.models.gselect import Selection, accumulate_selected, select
-from emdist.models.kernel import Scorer, StackedScorer
+from emdist.models.kind import kind_of_models
 from emdist.models.stats import StatsMap, add_maps, sum_group
 
 GLOBAL_LABEL = "global"
@@ -66,10 +66,12 @@ class Shard:
 
 @dataclass(frozen=True)
 class LoadedShard:
-    """A shard's features in memory: per model label, its frames concatenated in order."""
+    """A shard's features in memory: per model label, its frames concatenated in order,
+    and the number of frames of each of its utterances (for kinds that need them)."""
 
     shard: Shard
     frames: dict[str, np.ndarray]
+    lengths: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,18 @@ def read_utterance(utt: Utterance) -> np.ndarray:
     return feats
 
 
-def iter_frames(source: Shard | LoadedShard) -> Iterator[tuple[str, np.ndarray]]:
-    """(label, frames) pieces of a shard, in order: per utterance, or per label if loaded."""
+def iter_frames(source: Shard | LoadedShard,
+                per_utterance: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(label, frames) pieces of a shard, in order: per utterance, or per label if loaded
+    (per utterance then too with ``per_utterance``)."""
     if isinstance(source, LoadedShard):
-        yield from source.frames.items()
+        if not per_utterance:
+            yield from source.frames.items()
+            return
+        for key, frames in source.frames.items():
+            ends = np.cumsum(source.lengths[key])
+            for start, end in zip(ends - source.lengths[key], ends, strict=True):
+                yield key, frames[start:end]
         return
     for utt, key in zip(source.utts, source.keys, strict=True):
         yield key, source.read(utt)
@@ -180,7 +190,8 @@ def load_shard(shard: Shard) -> LoadedShard:
             pieces.setdefault(key, []).append(frames)
         # column-major: the E-step copies chunks in transposed, contiguous this way
         return LoadedShard(shard, {k: np.asfortranarray(np.concatenate(v))
-                                   for k, v in sorted(pieces.items())})
+                                   for k, v in sorted(pieces.items())},
+                           {k: tuple(len(f) for f in v) for k, v in sorted(pieces.items())})
 
 
 Source = Shard | LoadedShard | SelectedShard | tuple  # tuple: (Shard, Selection), streamed
@@ -232,12 +243,14 @@ def _acc_selected(source, models: Mapping[str, GMM], options: EStepOptions):
 @data_errors_as_values
 def acc_shard(
     source: Source,
-    models: Mapping[str, GMM],
+    models: Mapping,
     options: EStepOptions,
     hard: bool = False,
 ) -> tuple[StatsMap, list[JobReport]]:
-    """Statistics of every model over its own frames in the shard (one pass); over each
-    frame's selected Gaussians when the source carries a Gaussian selection."""
+    """Statistics of every model over its own frames in the shard (one pass), by the
+    models' kind (:mod:`emdist.models.kind`); over each frame's selected Gaussians when the
+    source carries a Gaussian selection (GMMs only). ``hard``: hard assignments (k-means
+    passes; Viterbi training of HMMs)."""
     shard = _shard_of(source)
     start = time.time()
     extra: tuple[str, ...] = ()
@@ -245,7 +258,10 @@ def acc_shard(
         stats, line = _acc_selected(source, models, options)
         extra = (line,)
     else:
-        stats = _acc_plain(source, models, options, hard)
+        kind = kind_of_models(models)
+        with one_blas_thread():
+            stats = kind.accumulate(models, iter_frames(source, kind.per_utterance), options,
+                                    hard)
     frames = sum(s.frames for s in stats.values())
     loglike = sum(s.loglike for s in stats.values())
     lines = extra + tuple(
@@ -255,18 +271,6 @@ def acc_shard(
     )
     report = _report(shard, start, frames, loglike, lines)
     return stats, [report]
-
-
-def _acc_plain(source: Shard | LoadedShard, models: Mapping[str, GMM], options: EStepOptions,
-               hard: bool) -> StatsMap:
-    with one_blas_thread():
-        accs: dict[str, Accumulator] = {}
-        for key, frames in iter_frames(source):
-            if key not in accs:
-                kernel = make_kernel(models[key], options)
-                accs[key] = Accumulator(kernel, models[key].dim, options.chunk_size, hard=hard)
-            accs[key].push(frames)
-        return {key: accs[key].finish() for key in sorted(accs)}
 
 
 @data_errors_as_values
@@ -302,29 +306,13 @@ def sample_shard(source: Shard | LoadedShard, stride: int,
 
 
 @data_errors_as_values
-def score_shard(
-    source: Shard, models: Mapping[str, GMM], options: EStepOptions
-) -> list[tuple[str, dict[str, float]]]:
-    """Total log-likelihood of every utterance under every model (all models at once, see
-    :class:`StackedScorer`, when their kernels share a layout)."""
+def score_shard(source: Shard, models: Mapping, options: EStepOptions,
+                best_path: bool = False) -> list[tuple[str, dict[str, float]]]:
+    """Total score (log-likelihood; minus the distortion for k-means) of every utterance
+    under every model, by the models' kind; with ``best_path``, an HMM's best path only."""
     with one_blas_thread():
-        labels = sorted(models)
-        kernels = [make_kernel(models[label], options) for label in labels]
-        out = []
-        if StackedScorer.fits(kernels):
-            stacked = StackedScorer(kernels, options.chunk_size)
-            for utt in source.utts:
-                totals = stacked.totals(read_utterance(utt))
-                out.append((utt.utt_id, dict(zip(labels, totals.tolist(), strict=True))))
-            return out
-        scorers = {label: Scorer(k, options.chunk_size) for label, k in zip(labels, kernels,
-                                                                             strict=True)}
-        for utt in source.utts:
-            feats = read_utterance(utt)
-            scores = {label: float(s.frame_log_likelihood(feats).sum())
-                      for label, s in scorers.items()}
-            out.append((utt.utt_id, scores))
-        return out
+        utterances = ((utt.utt_id, read_utterance(utt)) for utt in source.utts)
+        return kind_of_models(models).score(models, utterances, options, best_path)
 
 
 def _report(shard: Shard, start: float, frames: int, loglike: float, lines) -> JobReport:

@@ -1,5 +1,5 @@
 """The EM driver: configuration (``config``), passes over the shards with a backend and the
-exp dir (``trainer``), initialisation passes (``init_passes``) and the training loop
+exp dir (``trainer``) and the training loop
 (``driver``). The engine talks to backends through :class:`emdist.backends.base.Backend`."""
 
 from emdist.engine.config import IterationRecord, TrainConfig

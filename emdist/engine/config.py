@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from emdist.errors import UserError
 from emdist.models.estep import EStepOptions
 from emdist.models.gmm import COVARIANCE_TYPES
+from emdist.models.kind import MODEL_KINDS
 from emdist.models.mstep import MStepOptions
 
 __all__ = ["IterationRecord", "TrainConfig"]
@@ -21,6 +22,7 @@ class TrainConfig:
     The number of workers and the backend are not here: they never change the result.
     """
 
+    model: str = "gmm"
     num_gauss: int = 4
     covariance_type: str = "full"
     num_iters: int = 10
@@ -35,11 +37,22 @@ class TrainConfig:
     max_sample_frames: int = 200_000
     gselect: int = 0
     subsample: int = 1
+    num_states: int = 5
+    skip: bool = False
+    viterbi: bool = False
     estep: EStepOptions = field(default_factory=lambda: EStepOptions(dtype="float32"))
     mstep: MStepOptions = field(default_factory=MStepOptions)
 
     def __post_init__(self) -> None:
         checks = [
+            (self.model in MODEL_KINDS, f"--model must be one of {', '.join(MODEL_KINDS)}"),
+            (self.model != "hmm" or not self.global_mode,
+             "--model hmm trains word models; --global needs --model gmm or kmeans"),
+            (self.model == "gmm" or self.gselect == 0, "--gselect needs --model gmm"),
+            (self.model != "hmm" or self.init == "mixup",
+             "--model hmm starts flat (uniform segmentation) and mixes up: --init mixup"),
+            (self.num_states >= 1, "--num-states must be at least 1"),
+            (self.model == "hmm" or not self.viterbi, "--viterbi trains --model hmm"),
             (self.num_gauss >= 1, "--num-gauss must be at least 1"),
             (self.covariance_type in COVARIANCE_TYPES, "--cov must be 'diag' or 'full'"),
             (self.num_iters >= 0, "--num-iters must be at least 0"),

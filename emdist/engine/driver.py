@@ -16,11 +16,10 @@ from dataclasses import replace
 from emdist.backends.base import Backend
 from emdist.data.datadir import DataDir, parse_rxfilename
 from emdist.engine.config import IterationRecord, TrainConfig
-from emdist.engine.init_passes import INIT
-from emdist.engine.trainer import Progress, Trainer, make_shards, per_frame
+from emdist.engine.trainer import Progress, Trainer, make_shards
 from emdist.errors import EmdistWarning, UserError
 from emdist.io.expdir import ExpDir
-from emdist.models.gmm import GMM
+from emdist.models.kind import get_kind, per_frame
 from emdist.models.mstep import MStepOptions
 from emdist.tasks import GLOBAL_LABEL, one_blas_thread
 
@@ -75,8 +74,9 @@ def train(
     on_record: Callable[[IterationRecord], None] | None = None,
     feature_cache: str = "auto",
     progress: Progress | None = None,
-) -> dict[str, GMM]:
-    """Train one GMM per label (or one ``global`` GMM) by EM.
+) -> dict:
+    """Train one model per label (or one ``global`` model) by EM, of the kind
+    ``config.model`` (a GMM by default; see :mod:`emdist.models.kind`).
 
     Parameters
     ----------
@@ -100,7 +100,7 @@ def train(
 
     Returns
     -------
-    dict of str to GMM
+    dict of str to model (GMM, HMM or Codebook)
     """
     # The driver's own numerics (M-steps, initialisation) run on one BLAS thread: OpenBLAS's
     # idle threads spin for a while after every call, and in a local cluster that spinning
@@ -120,7 +120,7 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
     start, models, records = _resume(trainer, stage, overwrite)
     if models is None:
         t0 = time.time()
-        models = INIT[config.init](trainer, labels)
+        models = get_kind(config.model).initialize(trainer, labels)
         _save(exp, 0, models)
         log.info("initial model (%s) in %.1f s", config.init, time.time() - t0)
         start = 0
@@ -175,7 +175,7 @@ def _mstep_options(cfg: TrainConfig, i: int) -> MStepOptions:
     return cfg.mstep
 
 
-def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[str, GMM]:
+def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict:
     cfg = trainer.config
     # float32 products round each frame's log-likelihood at about 1e-7 relative
     rtol = 1e-6 if cfg.estep.dtype == "float32" else 1e-7
@@ -183,7 +183,7 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict[
     i = start
     while i < cfg.num_iters and not monitor.converged:
         t0 = time.time()
-        stats = trainer.e_pass(models, "acc", i, selected=cfg.selects)
+        stats = trainer.e_pass(models, "acc", i, hard=cfg.viterbi, selected=cfg.selects)
         models_next, reports = trainer.update(models, stats, _mstep_options(cfg, i))
         trainer.write_update_log(f"update.{i}.log", f"m_step {i}.mdl -> {i + 1}.mdl",
                                  stats, reports)

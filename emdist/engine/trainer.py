@@ -6,9 +6,12 @@ writes job and update logs, and turns failed jobs into one clear error.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
+
+import numpy as np
 
 from emdist.backends.base import Backend, JobsFailed
 from emdist.data.datadir import DataDir, split_by_frames
@@ -18,9 +21,10 @@ from emdist.io.expdir import ExpDir
 from emdist.models.estep import EStepOptions
 from emdist.models.gmm import GMM
 from emdist.models.gselect import kept_bytes_per_frame
-from emdist.models.mstep import MStepOptions, UpdateReport, m_step
+from emdist.models.kind import kind_of
+from emdist.models.mstep import MStepOptions, UpdateReport
 from emdist.models.stats import StatsMap
-from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, select_shard
+from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, sample_shard, select_shard
 
 log = logging.getLogger("emdist")
 
@@ -186,14 +190,41 @@ class Trainer:
         return RuntimeFailure(summary)
 
     def update(self, models, stats: StatsMap, options: MStepOptions | None = None):
-        """M-step of every model; returns the new models and the per-model reports."""
+        """Update of every model by its kind; returns the new models and the per-model
+        reports (:class:`emdist.models.mstep.UpdateReport`)."""
         options = options or self.config.mstep
         new, reports = {}, {}
         for label in sorted(models):
             if label not in stats:
                 raise UserError(f"model {label!r} has no frames in the data")
-            new[label], reports[label] = m_step(stats[label], options, previous=models[label])
+            kind = kind_of(models[label])
+            new[label], reports[label] = kind.update(stats[label], options, models[label])
         return new, reports
+
+    def sample(self, labels: list[str]) -> dict[str, np.ndarray]:
+        """Every ``stride``-th frame of each model's stream, at most ``max_sample_frames``
+        (float64), for initialisations that start from frames (k-means++)."""
+        totals: dict[str, int] = {}
+        starts_per_shard = []
+        for shard in self.shards:
+            starts = []
+            for utt, key in zip(shard.utts, shard.keys, strict=True):
+                starts.append(totals.get(key, 0))
+                totals[key] = totals.get(key, 0) + utt.num_frames
+            starts_per_shard.append(tuple(starts))
+        stride = max(1, math.ceil(max(totals.values()) / self.config.max_sample_frames))
+        try:
+            samples = self.backend.map(
+                _sample_task, list(zip(self.sources, starts_per_shard, strict=True)), stride
+            )
+        except JobsFailed as failed:
+            raise self.job_failure(failed, "init", 0, f"emdist init pass 0: sample every "
+                                   f"{stride}th frame") from None
+        merged: dict[str, list[np.ndarray]] = {}
+        for sample in samples:
+            for key, frames in sample.items():
+                merged.setdefault(key, []).append(frames)
+        return {key: np.concatenate(merged[key]) for key in labels}
 
     def write_update_log(self, name: str, command: str, stats: StatsMap,
                          reports: Mapping[str, UpdateReport]) -> None:
@@ -201,7 +232,7 @@ class Trainer:
             return
         lines = [
             f"model {label}: {r.n_components_in} -> {r.n_components_out} Gaussians, "
-            f"occupancy {stats[label].zeroth.sum():.1f}, floored {r.floored_elements} elements "
+            f"occupancy {stats[label].occupancy:.1f}, floored {r.floored_elements} elements "
             f"in {r.floored_gaussians} Gaussians, removed {r.removed}, kept starved "
             f"{r.not_updated}"
             for label, r in reports.items()
@@ -209,7 +240,6 @@ class Trainer:
         self.exp.write_update_log(name, command, lines)
 
 
-def per_frame(stats: StatsMap) -> tuple[float, int]:
-    frames = sum(s.frames for s in stats.values())
-    loglike = sum(s.loglike for s in stats.values())
-    return loglike / max(frames, 1), frames
+def _sample_task(item: tuple, stride: int) -> dict[str, np.ndarray]:
+    source, starts = item
+    return sample_shard(source, stride, starts)

@@ -1,6 +1,7 @@
 """Model and statistics files: ``.npz`` archives of arrays plus JSON metadata, no pickle.
 
-A model file holds one or more GMMs keyed by label (one per word; ``global`` for a UBM)::
+A model file holds one or more models of one kind keyed by label (one per word; ``global``
+for a UBM). The header names the kind's format (:mod:`emdist.models.kind`); a GMM file::
 
     meta.npy              0-d unicode array: JSON {"format": "emdist-gmm", "version": 1,
                           "covariance_type", "dim", "labels": [...], "n_components": [...]}
@@ -8,7 +9,8 @@ A model file holds one or more GMMs keyed by label (one per word; ``global`` for
     <i>.means.npy         (K_i, D)
     <i>.covariances.npy   (K_i, D) or (K_i, D, D)
 
-Files are read with ``numpy.load(path, allow_pickle=False)``. They are written
+HMM files (``emdist-hmm``) add per label ``<i>.transitions`` and each state's arrays as
+``<i>.<s>.weights`` ...; codebooks (``emdist-vq``) hold ``<i>.centres``. Files are read with ``numpy.load(path, allow_pickle=False)``. They are written
 deterministically (fixed zip timestamps, no run options), so the same model gives the same
 bytes, and atomically (temporary name in the same directory, then rename).
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from emdist.errors import UserError, WriteFailure
-from emdist.models.gmm import GMM
+from emdist.models.kind import FILE_FORMATS, kind_of_format, kind_of_models, stats_type_named
 from emdist.models.stats import GmmStats
 
 MODEL_FORMAT = "emdist-gmm"
@@ -79,38 +81,18 @@ def _meta_array(meta: dict) -> np.ndarray:
     return np.array(json.dumps(meta, sort_keys=True))
 
 
-def save_models(path: str | os.PathLike, models: Mapping[str, GMM]) -> None:
-    """Write ``{label: GMM}`` to ``path`` (atomically, deterministically)."""
-    labels = sorted(models)
-    if not labels:
+def save_models(path: str | os.PathLike, models: Mapping) -> None:
+    """Write ``{label: model}`` (models of one kind, see :mod:`emdist.models.kind`) to
+    ``path``, atomically and deterministically."""
+    if not models:
         raise ValueError("no models to save")
-    first = models[labels[0]]
-    for label in labels:
-        gmm = models[label]
-        if (gmm.covariance_type, gmm.dim) != (first.covariance_type, first.dim):
-            raise ValueError(
-                f"model {label!r} is {gmm.covariance_type} of dim {gmm.dim}, model "
-                f"{labels[0]!r} {first.covariance_type} of dim {first.dim}: one file holds "
-                "models of one kind"
-            )
-    meta = {
-        "format": MODEL_FORMAT,
-        "version": FORMAT_VERSION,
-        "covariance_type": first.covariance_type,
-        "dim": first.dim,
-        "labels": labels,
-        "n_components": [models[lab].n_components for lab in labels],
-    }
-    arrays = {"meta": _meta_array(meta)}
-    for i, label in enumerate(labels):
-        gmm = models[label]
-        arrays[f"{i}.weights"] = gmm.weights
-        arrays[f"{i}.means"] = gmm.means
-        arrays[f"{i}.covariances"] = gmm.covariances
-    atomic_write_bytes(path, npz_bytes(arrays))
+    kind = kind_of_models(models)
+    fields, arrays = kind.to_file(models)
+    meta = {"format": kind.file_format, "version": FORMAT_VERSION, **fields}
+    atomic_write_bytes(path, npz_bytes({"meta": _meta_array(meta), **arrays}))
 
 
-def _open_archive(path: str | os.PathLike, fmt: str) -> tuple[dict, dict]:
+def _open_archive(path: str | os.PathLike, fmt: str | tuple[str, ...]) -> tuple[dict, dict]:
     path = Path(path)
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -125,8 +107,10 @@ def _open_archive(path: str | os.PathLike, fmt: str) -> tuple[dict, dict]:
         raise UserError(f"{path}: no such file") from None
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not an emdist file ({exc})") from None
-    if meta.get("format") != fmt:
-        raise UserError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    if meta.get("format") not in formats:
+        raise UserError(f"{path}: expected a {' or '.join(formats)} file, found "
+                        f"{meta.get('format')!r}")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise UserError(
             f"{path}: format version {meta['version']} is newer than this emdist "
@@ -135,8 +119,9 @@ def _open_archive(path: str | os.PathLike, fmt: str) -> tuple[dict, dict]:
     return meta, arrays
 
 
-def load_models(path: str | os.PathLike) -> dict[str, GMM]:
-    """Read a model file: ``{label: GMM}`` (a global model has the single label ``global``).
+def load_models(path: str | os.PathLike) -> dict:
+    """Read a model file: ``{label: model}`` (a global model has the single label
+    ``global``): :class:`GMM`, ``HMM`` or ``Codebook`` values, by the file's format.
 
     Examples
     --------
@@ -144,35 +129,35 @@ def load_models(path: str | os.PathLike) -> dict[str, GMM]:
     >>> models["Z"].means.shape                                # doctest: +SKIP
     (5, 39)
     """
-    meta, arrays = _open_archive(path, MODEL_FORMAT)
+    meta, arrays = _open_archive(path, tuple(FILE_FORMATS))
     try:
-        return {
-            label: GMM(
-                arrays[f"{i}.weights"],
-                arrays[f"{i}.means"],
-                arrays[f"{i}.covariances"],
-                meta["covariance_type"],
-            )
-            for i, label in enumerate(meta["labels"])
-        }
-    except (KeyError, ValueError) as exc:
+        return kind_of_format(meta["format"]).from_file(meta, arrays)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise UserError(f"{path}: corrupt model file ({exc})") from None
 
 
-def save_stats(path: str | os.PathLike, stats: Mapping[str, GmmStats]) -> None:
-    """Write ``{label: GmmStats}`` (float64, additive) to ``path``."""
+def save_stats(path: str | os.PathLike, stats: Mapping) -> None:
+    """Write ``{label: statistics}`` (float64, additive; of one kind) to ``path``."""
     labels = sorted(stats)
     meta = {"format": STATS_FORMAT, "version": FORMAT_VERSION, "labels": labels}
+    types = {type(s) for s in stats.values()}
+    if types - {GmmStats}:
+        meta["stats"] = types.pop().__name__
     arrays = {"meta": _meta_array(meta)}
     for i, label in enumerate(labels):
         arrays.update(stats[label].to_arrays(prefix=f"{i}."))
     atomic_write_bytes(path, npz_bytes(arrays))
 
 
-def load_stats(path: str | os.PathLike) -> dict[str, GmmStats]:
+def load_stats(path: str | os.PathLike) -> dict:
     """Read a statistics file written by :func:`save_stats`."""
     meta, arrays = _open_archive(path, STATS_FORMAT)
-    return {
-        label: GmmStats.from_arrays(arrays, prefix=f"{i}.")
-        for i, label in enumerate(meta["labels"])
-    }
+    stats_type = stats_type_named(meta.get("stats", "GmmStats"))
+    if stats_type is None:
+        raise UserError(f"{path}: unknown statistics type {meta.get('stats')!r}")
+    try:
+        return {label: stats_type.from_arrays(arrays, prefix=f"{i}.")
+                for i, label in enumerate(meta["labels"])}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: corrupt statistics file ({exc})") from None
+

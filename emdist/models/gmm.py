@@ -43,6 +43,8 @@ class GMM:
     covariances: np.ndarray
     covariance_type: str
 
+    kind = "gmm"  # the model kind (emdist.models.kind), not a field
+
     def __post_init__(self) -> None:
         if self.covariance_type not in COVARIANCE_TYPES:
             raise UserError(

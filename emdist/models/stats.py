@@ -71,6 +71,11 @@ class GmmStats:
         return int(self.zeroth.shape[0])
 
     @property
+    def occupancy(self) -> float:
+        """Total posterior mass (the frames counted)."""
+        return float(self.zeroth.sum())
+
+    @property
     def dim(self) -> int:
         return int(self.first.shape[1])
 
