@@ -49,6 +49,8 @@ class HMM:
     states: tuple[GMM, ...]
     transitions: np.ndarray
 
+    kind = "hmm"  # the model kind (emdist.models.kind), not a field
+
     def __post_init__(self) -> None:
         states = tuple(self.states)
         if not states or not all(isinstance(g, GMM) and g.n_components for g in states):
@@ -330,6 +332,11 @@ class HmmStats:
     @property
     def n_components(self) -> int:
         return self.gmm.n_components
+
+    @property
+    def occupancy(self) -> float:
+        """Total state occupancy (the frames aligned)."""
+        return self.gmm.occupancy
 
     @property
     def dim(self) -> int:
