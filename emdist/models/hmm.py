@@ -181,12 +181,55 @@ def _totals(alpha: np.ndarray, lengths: np.ndarray, end: np.ndarray) -> np.ndarr
     return np.where(lengths > 0, _logsumexp(_last(alpha, lengths) + end, axis=1), -np.inf)
 
 
+def _bands(trans: np.ndarray) -> list[tuple[int, np.ndarray]] | None:
+    """The diagonals ``d >= 0`` of (B, S, S) log transitions that hold a finite entry, as
+    (d, (B, S - d) values), for the banded recursions of a left-to-right model; None when
+    an entry below the diagonal is finite (then the dense recursions run)."""
+    s = trans.shape[-1]
+    if np.isfinite(trans[:, np.tril_indices(s, -1)[0], np.tril_indices(s, -1)[1]]).any():
+        return None
+    out = []
+    for d in range(s):
+        diag = np.ascontiguousarray(np.diagonal(trans, offset=d, axis1=1, axis2=2))
+        if d == 0 or np.isfinite(diag).any():
+            out.append((d, diag))
+    return out
+
+
 def _forward(log_b: np.ndarray, trans: np.ndarray) -> np.ndarray:
     alpha = np.empty_like(log_b)
     alpha[:, 0] = np.where(np.arange(log_b.shape[2]) == 0, log_b[:, 0], -np.inf)  # entry: 0
+    bands = _bands(trans)
     for t in range(1, log_b.shape[1]):
-        alpha[:, t] = _logsumexp(alpha[:, t - 1, :, None] + trans, axis=1) + log_b[:, t]
+        prev = alpha[:, t - 1]
+        if bands is None:
+            alpha[:, t] = _logsumexp(prev[:, :, None] + trans, axis=1) + log_b[:, t]
+            continue
+        new = alpha[:, t]
+        np.add(prev, bands[0][1], out=new)  # self-loops, then each further diagonal
+        for d, diag in bands[1:]:
+            np.logaddexp(new[:, d:], prev[:, :-d] + diag, out=new[:, d:])
+        new += log_b[:, t]
     return alpha
+
+
+def _backward(log_b: np.ndarray, trans: np.ndarray, lengths: np.ndarray,
+              end: np.ndarray) -> np.ndarray:
+    b, t, s = log_b.shape
+    beta = np.empty_like(log_b)
+    beta[:, t - 1] = end
+    bands = _bands(trans)
+    trans_t = trans.transpose(0, 2, 1)
+    for step in range(t - 2, -1, -1):
+        after = log_b[:, step + 1] + beta[:, step + 1]
+        if bands is None:
+            new = _logsumexp(after[:, :, None] + trans_t, axis=1)
+        else:
+            new = after + bands[0][1]
+            for d, diag in bands[1:]:
+                np.logaddexp(new[:, :-d], after[:, d:] + diag, out=new[:, :-d])
+        beta[:, step] = np.where((step >= lengths - 1)[:, None], end, new)
+    return beta
 
 
 def forward_backward(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarray):
@@ -213,12 +256,7 @@ def forward_backward(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarr
     b, t, s = log_b.shape
     alpha = _forward(log_b, trans)
     total = _totals(alpha, lengths, end)
-    beta = np.empty_like(log_b)
-    beta[:, t - 1] = end
-    trans_t = trans.transpose(0, 2, 1)
-    for step in range(t - 2, -1, -1):
-        after = _logsumexp((log_b[:, step + 1] + beta[:, step + 1])[:, :, None] + trans_t, axis=1)
-        beta[:, step] = np.where((step >= lengths - 1)[:, None], end, after)
+    beta = _backward(log_b, trans, lengths, end)
     ok = np.isfinite(total)
     norm = np.where(ok, total, 0.0)[:, None, None]
     live = (np.arange(t) < lengths[:, None]) & ok[:, None]
@@ -226,13 +264,29 @@ def forward_backward(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarr
         gamma = np.exp(np.where(live[..., None], alpha + beta - norm, -np.inf))
         counts = np.zeros((b, s, s + 1))
         if t > 1:
-            log_xi = (alpha[:, :-1, :, None] + trans[:, None]
-                      + (log_b + beta)[:, 1:, None, :] - norm[..., None])
-            inner = live[:, 1:, None, None] & live[:, :-1, None, None]
-            counts[..., :s] = np.exp(np.where(inner, log_xi, -np.inf)).sum(axis=1)
+            _expected_transitions(alpha, log_b + beta, trans, norm, live, counts)
         final = _last(alpha, lengths) + end - norm[:, 0]
         counts[..., s] = np.exp(np.where((ok & has_exit)[:, None], final, -np.inf))
     return gamma, counts, total
+
+
+def _expected_transitions(alpha, after, trans, norm, live, counts) -> None:
+    """``counts[..., :S] = Σ_t ξ_t(i, j)``, ``ξ_t(i, j) = exp(α_t(i) + a_ij + b_t+1(j) +
+    β_t+1(j) − total)``, over the transitions between live frames; by diagonal for a
+    left-to-right model (2 or 3 of the S² pairs)."""
+    inner = live[:, 1:] & live[:, :-1]  # (B, T - 1)
+    bands = _bands(trans)
+    if bands is None:
+        log_xi = alpha[:, :-1, :, None] + trans[:, None] + after[:, 1:, None, :] - norm[..., None]
+        counts[..., : trans.shape[-1]] = np.exp(
+            np.where(inner[..., None, None], log_xi, -np.inf)).sum(axis=1)
+        return
+    s = trans.shape[-1]
+    rows = np.arange(s)
+    for d, diag in bands:
+        log_xi = alpha[:, :-1, : s - d] + diag[:, None, :] + after[:, 1:, d:] - norm
+        log_xi[~inner] = -np.inf
+        counts[:, rows[: s - d], rows[d:]] = np.exp(log_xi).sum(axis=1)
 
 
 def viterbi(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarray):
@@ -250,10 +304,22 @@ def viterbi(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarray):
     delta = np.empty_like(log_b)
     back = np.zeros((b, t, s), dtype=np.intp)
     delta[:, 0] = np.where(np.arange(s) == 0, log_b[:, 0], -np.inf)
+    bands = _bands(trans)
+    if bands is not None:  # candidates per diagonal d: from state j - d to j
+        offsets = np.array([d for d, _ in bands])
+        cand = np.full((len(bands), b, s), -np.inf)
     for step in range(1, t):
-        cand = delta[:, step - 1, :, None] + trans
-        back[:, step] = cand.argmax(axis=1)
-        delta[:, step] = cand.max(axis=1) + log_b[:, step]
+        prev = delta[:, step - 1]
+        if bands is None:
+            full = prev[:, :, None] + trans
+            back[:, step] = full.argmax(axis=1)
+            delta[:, step] = full.max(axis=1) + log_b[:, step]
+            continue
+        for k, (d, diag) in enumerate(bands):
+            np.add(prev[:, : s - d], diag, out=cand[k][:, d:])
+        best = cand.argmax(axis=0)
+        back[:, step] = np.arange(s) - offsets[best]
+        delta[:, step] = np.take_along_axis(cand, best[None], axis=0)[0] + log_b[:, step]
     final = _last(delta, lengths) + end
     best = np.where(lengths > 0, final.max(axis=1), -np.inf)
     state = final.argmax(axis=1)
@@ -453,48 +519,115 @@ def accumulate_hmm(model: HMM, utterances: Iterable[np.ndarray], hard: bool = Fa
     their posteriors (Kaldi's ``gmm-acc-stats-ali``); ``loglike`` is then the best paths'.
     The result depends on ``batch_frames`` only through float rounding.
     """
-    kernel = _kernel(model)
-    s = model.n_states
-    log_trans = _log(model.transitions)
-    owner = model.component_state()
-    moments = np.zeros((model.n_components, 1 + expanded_width(model.dim, model.covariance_type)))
-    counts = np.zeros(model.transitions.shape)
-    loglike, frames, utts, unaligned = 0.0, 0, 0, 0
-    for utt_list in _batches(utterances, model.dim, batch_frames):
-        batch = _Batch(model, kernel, utt_list)
+    return accumulate_hmms({"": model}, {"": utterances}, hard, batch_frames)[""]
+
+
+def accumulate_hmms(models: Mapping[str, HMM], utterances: Mapping[str, Iterable[np.ndarray]],
+                    hard: bool = False, batch_frames: int = DEFAULT_BATCH_FRAMES
+                    ) -> dict[str, HmmStats]:
+    """Statistics of several models, each over its own utterances (a shard's words): the
+    utterances of all models go through one forward-backward per group of about
+    ``batch_frames`` frames (one loop over time for the group, not one per word)."""
+    moments, counts, totals = {}, {}, {}
+    for label in utterances:
+        m = models[label]
+        moments[label] = np.zeros((m.n_components, 1 + expanded_width(m.dim,
+                                                                      m.covariance_type)))
+        counts[label] = np.zeros(m.transitions.shape)
+        totals[label] = [0.0, 0, 0, 0]  # loglike, frames, utts, unaligned
+    for group in _groups(models, utterances, batch_frames):
+        log_b, lengths, log_trans, rows = _stack(models, group)
+        s = log_b.shape[2]
         if hard:
-            total, paths = viterbi(batch.log_b, batch.lengths, log_trans)
-            gamma = paths[batch.utt, batch.time][:, None] == np.arange(s)
-            trans = path_counts(paths, batch.lengths, s, model.has_exit)
+            total, paths = viterbi(log_b, lengths, log_trans)
+            trans = path_counts(paths, lengths, s, bool(np.isfinite(log_trans[..., s]).any()))
         else:
-            gamma, trans, total = forward_backward(batch.log_b, batch.lengths, log_trans)
-            gamma = gamma[batch.utt, batch.time]
-        post = batch.within * gamma[:, owner]
-        moments += post.T @ batch.z
-        counts += trans.sum(axis=0)
-        ok = np.isfinite(total)
-        loglike += float(total[ok].sum())
-        frames += int(batch.lengths[ok].sum())
-        utts += int(ok.sum())
-        unaligned += int((~ok).sum())
-    gmm = stats_from_moments(moments, kernel, loglike, frames)
-    return HmmStats(gmm, counts, loglike, frames, utts, unaligned)
+            gamma, trans, total = forward_backward(log_b, lengths, log_trans)
+        for (label, batch), (lo, hi) in zip(group, rows, strict=True):
+            owner = models[label].component_state()
+            if hard:
+                occ = paths[lo:hi][batch.utt, batch.time][:, None] == np.arange(s)
+            else:
+                occ = gamma[lo:hi][batch.utt, batch.time]
+            moments[label] += (batch.within * occ[:, owner]).T @ batch.z
+            counts[label] += trans[lo:hi].sum(axis=0)
+            ok = np.isfinite(total[lo:hi])
+            sums = totals[label]
+            sums[0] += float(total[lo:hi][ok].sum())
+            sums[1] += int(batch.lengths[ok].sum())
+            sums[2] += int(ok.sum())
+            sums[3] += int((~ok).sum())
+    out = {}
+    for label in sorted(utterances):
+        loglike, frames, utts, unaligned = totals[label]
+        gmm = stats_from_moments(moments[label], _kernel(models[label]), loglike, frames)
+        out[label] = HmmStats(gmm, counts[label], loglike, frames, utts, unaligned)
+    return out
+
+
+def _groups(models: Mapping[str, HMM], utterances: Mapping[str, Iterable[np.ndarray]],
+            batch_frames: int) -> Iterator[list[tuple[str, _Batch]]]:
+    """Emission batches of every model's utterances, in label order, grouped while the
+    group holds at most ``batch_frames`` frames and its models have one number of states."""
+    group: list[tuple[str, _Batch]] = []
+    size = 0
+    for label in utterances:
+        model = models[label]
+        kernel = _kernel(model)
+        for utt_list in _batches(utterances[label], model.dim, batch_frames):
+            batch = _Batch(model, kernel, utt_list)
+            n = len(batch.utt)
+            if group and (size + n > batch_frames
+                          or models[group[0][0]].n_states != model.n_states):
+                yield group
+                group, size = [], 0
+            group.append((label, batch))
+            size += n
+    if group:
+        yield group
+
+
+def _stack(models: Mapping[str, HMM], group: list[tuple[str, _Batch]]):
+    """One padded batch of a group: log-emissions (B, T, S), lengths, per-utterance log
+    transitions (B, S, S + 1), and each member's rows."""
+    b = sum(len(batch.lengths) for _, batch in group)
+    t = max(batch.log_b.shape[1] for _, batch in group)
+    s = group[0][1].log_b.shape[2]
+    log_b = np.zeros((b, t, s))
+    log_trans = np.empty((b, s, s + 1))
+    lengths = np.empty(b, dtype=np.int64)
+    rows, lo = [], 0
+    for label, batch in group:
+        hi = lo + len(batch.lengths)
+        log_b[lo:hi, : batch.log_b.shape[1]] = batch.log_b
+        log_trans[lo:hi] = _log(models[label].transitions)
+        lengths[lo:hi] = batch.lengths
+        rows.append((lo, hi))
+        lo = hi
+    return log_b, lengths, log_trans, rows
 
 
 def score_utterances(model: HMM, utterances: Iterable[np.ndarray], viterbi: bool = False,
                      batch_frames: int = DEFAULT_BATCH_FRAMES) -> np.ndarray:
     """Total forward (or best-path) log-likelihood of each utterance, ``-inf`` if no path."""
-    kernel = _kernel(model)
-    log_trans = _log(model.transitions)
-    out = [np.zeros(0)]
-    for utt_list in _batches(utterances, model.dim, batch_frames):
-        batch = _Batch(model, kernel, utt_list)
+    return score_hmms({"": model}, list(utterances), viterbi, batch_frames)[""]
+
+
+def score_hmms(models: Mapping[str, HMM], utterances: list[np.ndarray], viterbi: bool = False,
+               batch_frames: int = DEFAULT_BATCH_FRAMES) -> dict[str, np.ndarray]:
+    """Total forward (or best-path) log-likelihood of each utterance under each model, all
+    models' forward passes of a group of utterances in one loop over time."""
+    scores: dict[str, list[np.ndarray]] = {label: [] for label in models}
+    for group in _groups(models, {label: utterances for label in models}, batch_frames):
+        log_b, lengths, log_trans, rows = _stack(models, group)
         if viterbi:
-            out.append(_best_path(batch.log_b, batch.lengths, log_trans)[0])
+            total = _best_path(log_b, lengths, log_trans)[0]
         else:
-            log_b, lengths, trans, end, _ = _prepare(batch.log_b, batch.lengths, log_trans)
-            out.append(_totals(_forward(log_b, trans), lengths, end))
-    return np.concatenate(out)
+            log_b, lengths, trans, end, _ = _prepare(log_b, lengths, log_trans)
+            total = _totals(_forward(log_b, trans), lengths, end)
+        for (label, _), (lo, hi) in zip(group, rows, strict=True):
+            scores[label].append(total[lo:hi])
+    return {label: np.concatenate(v) if v else np.zeros(0) for label, v in scores.items()}
 
 
 def _log(p: np.ndarray) -> np.ndarray:

@@ -28,9 +28,9 @@ from emdist.models.hmm import (
     DEFAULT_BATCH_FRAMES,
     HMM,
     HmmStats,
-    accumulate_hmm,
+    accumulate_hmms,
     hmm_from_segmentation,
-    score_utterances,
+    score_hmms,
     split_states,
     topology,
     uniform_segmentation_stats,
@@ -84,16 +84,15 @@ class HmmKind:
     def accumulate(self, models: Mapping[str, HMM | FlatStart], pieces: Pieces, options,
                    hard: bool = False) -> dict[str, HmmStats]:
         """Forward-backward (Viterbi with ``hard``) statistics of each word's utterances."""
-        out = {}
-        for key, utts in sorted(_by_label(pieces).items()):
-            model = models[key]
-            if isinstance(model, FlatStart):
-                out[key] = uniform_segmentation_stats(model.n_states, utts,
-                                                      model.covariance_type, model.mask)
-            else:
-                out[key] = accumulate_hmm(model, utts, hard=hard,
-                                          batch_frames=_batch_frames(model))
-        return out
+        by_label = _by_label(pieces)
+        flat = {k: m for k, m in models.items() if isinstance(m, FlatStart) and k in by_label}
+        out = {key: uniform_segmentation_stats(m.n_states, by_label[key], m.covariance_type,
+                                               m.mask) for key, m in flat.items()}
+        hmms = {key: utts for key, utts in by_label.items() if key not in flat}
+        if hmms:
+            batch = min(_batch_frames(models[key]) for key in hmms)
+            out.update(accumulate_hmms(models, hmms, hard=hard, batch_frames=batch))
+        return dict(sorted(out.items()))
 
     def update(self, stats: HmmStats, options: MStepOptions,
                previous: HMM | FlatStart) -> tuple[HMM, UpdateReport]:
@@ -110,9 +109,8 @@ class HmmKind:
         for utt_id, frames in utterances:
             ids.append(utt_id)
             feats.append(frames)
-        totals = {label: score_utterances(m, feats, viterbi=best_path,
-                                          batch_frames=_batch_frames(m))
-                  for label, m in sorted(models.items())}
+        batch = min(_batch_frames(m) for m in models.values())
+        totals = score_hmms(dict(sorted(models.items())), feats, best_path, batch)
         return [(utt_id, {label: float(t[i]) for label, t in totals.items()})
                 for i, utt_id in enumerate(ids)]
 
