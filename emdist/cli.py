@@ -206,6 +206,13 @@ def _default_data(split: str) -> Path:
     return digits_dir(split)
 
 
+def _defaults_help(name: str) -> str:
+    """``4 (gmm), 2 (hmm), ...``: the per-kind defaults of an option, for --help."""
+    from emdist.models.defaults import KIND_DEFAULTS
+
+    return ", ".join(f"{d[name]} ({kind})" for kind, d in KIND_DEFAULTS.items() if name in d)
+
+
 Workers = Annotated[
     int | None,
     typer.Option("--workers", "-w", help="Worker processes of an embedded Dask LocalCluster "
@@ -247,16 +254,22 @@ def train(
     model: Annotated[Model, typer.Option(
         help="Model kind: a GMM per word (or --global); a left-to-right GMM-HMM per word "
         "trained by Baum-Welch; a k-means (VQ) codebook per word.")] = Model.gmm,
-    num_gauss: Annotated[int, typer.Option(help="Gaussians per model (per HMM state; "
-                                           "centres per codebook).")] = 4,
-    num_states: Annotated[int, typer.Option(help="Emitting states per word (--model hmm).")]
-    = 5,
+    num_gauss: Annotated[int | None, typer.Option(
+        help="Gaussians per model (per HMM state; centres per codebook). [default: by "
+        "--model: " + _defaults_help("num_gauss") + "]", show_default=False)] = None,
+    num_states: Annotated[int | None, typer.Option(
+        help="Emitting states per word (--model hmm). [default: "
+        + _defaults_help("num_states") + "]", show_default=False)] = None,
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Allow each HMM state to "
                                        "skip the next one (--model hmm).")] = False,
     viterbi: Annotated[bool, typer.Option(help="Viterbi training: the best state path instead "
                                           "of forward-backward (--model hmm).")] = False,
-    cov: Annotated[Cov, typer.Option(help="Covariance type.")] = Cov.full,
-    num_iters: Annotated[int, typer.Option(help="Maximum EM iterations.")] = 10,
+    cov: Annotated[Cov | None, typer.Option(
+        help="Covariance type. [default: " + _defaults_help("covariance_type") + "]",
+        show_default=False)] = None,
+    num_iters: Annotated[int | None, typer.Option(
+        help="Maximum EM iterations. [default: " + _defaults_help("num_iters") + "]",
+        show_default=False)] = None,
     init: Annotated[Init, typer.Option(help="Kaldi-style mix-up, or k-means++ and Lloyd.")]
     = Init.mixup,
     nj: Nj = 8,
@@ -308,9 +321,10 @@ def train(
     """Train one model per word of DATA_DIR/text (or one --global model) into EXP_DIR: a
     GMM, a GMM-HMM (--model hmm) or a k-means codebook (--model kmeans)."""
     _setup_logging(verbose, quiet)
+    given = dict(num_gauss=num_gauss, covariance_type=cov.value if cov else None,
+                 num_iters=num_iters, num_states=num_states)
     options = dict(
-        model=model.value, num_states=num_states, skip=skip, viterbi=viterbi,
-        num_gauss=num_gauss, covariance_type=cov.value, num_iters=num_iters, init=init.value,
+        model=model.value, skip=skip, viterbi=viterbi, init=init.value,
         nj=nj, global_mode=global_, seed=seed, tol=tol, kmeans_iters=kmeans_iters,
         mixup_iters=mixup_iters, perturb_factor=perturb_factor, gselect=gselect,
         subsample=subsample,
@@ -325,14 +339,18 @@ def train(
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout,
                     dashboard_address, short_pass)
     run = dict(stage=stage, overwrite=overwrite, feature_cache=feature_cache.value, quiet=quiet)
-    _run(verbose, _train, data_dir, exp_dir, options, estep, mstep, backend_args, run)
+    _run(verbose, _train, data_dir, exp_dir, options, given, estep, mstep, backend_args, run)
 
 
-def _train(data_dir, exp_dir, options, estep, mstep, backend_args, run: dict) -> None:
+def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: dict) -> None:
     _check_backend_args(*backend_args)
     _start_fork_server(*backend_args)
     from emdist.data.datadir import load_data_dir
     from emdist.engine import TrainConfig, train
+    from emdist.engine.config import kind_defaults
+
+    options = {**options, **kind_defaults(options["model"]),
+               **{k: v for k, v in given.items() if v is not None}}
     from emdist.errors import WriteFailure
     from emdist.io.expdir import ExpDir
     from emdist.models.estep import EStepOptions

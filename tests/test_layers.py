@@ -11,7 +11,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "emdist"
 NUMERICS = ["emdist.models.gmm", "emdist.models.kernel", "emdist.models.estep",
             "emdist.models.mstep", "emdist.models.stats", "emdist.models.gselect",
-            "emdist.models.initialize", "emdist.data.datadir", "emdist.io.modelio"]
+            "emdist.models.initialize", "emdist.models.kind", "emdist.models.gmm_kind",
+            "emdist.models.hmm", "emdist.models.hmm_kind", "emdist.models.vq",
+            "emdist.models.defaults", "emdist.data.datadir", "emdist.io.modelio"]
 # Lowest first. A module may import its own layer and the ones before it (at import time;
 # the CLI imports everything inside its commands, lazily).
 LAYERS = ["emdist.errors", "emdist.models", "emdist.data", "emdist.corpora", "emdist.tasks",

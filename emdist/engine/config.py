@@ -8,11 +8,18 @@ from dataclasses import asdict, dataclass, field
 
 from emdist.errors import UserError
 from emdist.models.estep import EStepOptions
+from emdist.models.defaults import KIND_DEFAULTS
 from emdist.models.gmm import COVARIANCE_TYPES
 from emdist.models.kind import MODEL_KINDS
 from emdist.models.mstep import MStepOptions
 
-__all__ = ["IterationRecord", "TrainConfig"]
+__all__ = ["IterationRecord", "KIND_DEFAULTS", "TrainConfig", "kind_defaults"]
+
+def kind_defaults(model: str) -> dict:
+    """The default options of a model kind (see :data:`emdist.models.defaults.KIND_DEFAULTS`)."""
+    if model not in KIND_DEFAULTS:
+        raise UserError(f"--model must be one of {', '.join(KIND_DEFAULTS)}")
+    return dict(KIND_DEFAULTS[model])
 
 
 @dataclass(frozen=True)
