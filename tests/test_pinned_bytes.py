@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 # (numpy version, BLAS library, BLAS kernel) -> {command: sha256 of final.mdl}
 PINNED = {
     ("2.4.6", "openblas", "SkylakeX"): {
-        "default": "8b181e9d1492613d801e1bb4192d7fb358e29c3b01d12418db8983ebecc2702e",
-        "global-diag": "2aa5b9ef05d8869dfd30529c150b86dc9da414da751e1e8ee6db9f34c1aad460",
+        "default": "2ec210ddafe1da903fd20b3fe47db587c03b831f4d76e562823d1d046d1dd108",
+        "global-diag": "387ec229de937c7dfc1eb6cb52d08b93ae5aaa8c15aca311974763183ce8bf66",
     },
 }
 COMMANDS = {

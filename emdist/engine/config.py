@@ -30,9 +30,9 @@ class TrainConfig:
     """
 
     model: str = "gmm"
-    num_gauss: int = 4
-    covariance_type: str = "full"
-    num_iters: int = 10
+    num_gauss: int = KIND_DEFAULTS["gmm"]["num_gauss"]
+    covariance_type: str = KIND_DEFAULTS["gmm"]["covariance_type"]
+    num_iters: int = KIND_DEFAULTS["gmm"]["num_iters"]
     init: str = "mixup"
     nj: int = 8
     global_mode: bool = False
