@@ -270,8 +270,10 @@ def train(
     num_iters: Annotated[int | None, typer.Option(
         help="Maximum EM iterations. [default: " + _defaults_help("num_iters") + "]",
         show_default=False)] = None,
-    init: Annotated[Init, typer.Option(help="Kaldi-style mix-up, or k-means++ and Lloyd.")]
-    = Init.mixup,
+    init: Annotated[Init | None, typer.Option(
+        help="Kaldi-style mix-up (HMMs: flat start, then mix-up; codebooks: LBG splitting), "
+        "or k-means++ and Lloyd. [default: " + _defaults_help("init") + "]",
+        show_default=False)] = None,
     nj: Nj = 8,
     global_: Annotated[bool, typer.Option("--global", help="One GMM over all frames (a UBM); "
                                           "no text needed.")] = False,
@@ -322,9 +324,9 @@ def train(
     GMM, a GMM-HMM (--model hmm) or a k-means codebook (--model kmeans)."""
     _setup_logging(verbose, quiet)
     given = dict(num_gauss=num_gauss, covariance_type=cov.value if cov else None,
-                 num_iters=num_iters, num_states=num_states)
+                 num_iters=num_iters, num_states=num_states, init=init.value if init else None)
     options = dict(
-        model=model.value, skip=skip, viterbi=viterbi, init=init.value,
+        model=model.value, skip=skip, viterbi=viterbi,
         nj=nj, global_mode=global_, seed=seed, tol=tol, kmeans_iters=kmeans_iters,
         mixup_iters=mixup_iters, perturb_factor=perturb_factor, gselect=gselect,
         subsample=subsample,

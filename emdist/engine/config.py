@@ -33,7 +33,7 @@ class TrainConfig:
     num_gauss: int = KIND_DEFAULTS["gmm"]["num_gauss"]
     covariance_type: str = KIND_DEFAULTS["gmm"]["covariance_type"]
     num_iters: int = KIND_DEFAULTS["gmm"]["num_iters"]
-    init: str = "mixup"
+    init: str = KIND_DEFAULTS["gmm"]["init"]
     nj: int = 8
     global_mode: bool = False
     seed: int = 0

@@ -6,9 +6,10 @@ Chosen by cross-validation by speaker on the training set, never on a test set:
 """
 
 KIND_DEFAULTS = {
-    "gmm": {"num_gauss": 32, "covariance_type": "diag", "num_iters": 20},
-    "hmm": {"num_gauss": 2, "covariance_type": "diag", "num_iters": 10, "num_states": 5},
-    "kmeans": {"num_gauss": 16, "covariance_type": "diag", "num_iters": 10},
+    "gmm": {"num_gauss": 32, "covariance_type": "diag", "num_iters": 20, "init": "mixup"},
+    "hmm": {"num_gauss": 2, "covariance_type": "diag", "num_iters": 10, "num_states": 5,
+            "init": "mixup"},
+    "kmeans": {"num_gauss": 256, "covariance_type": "diag", "num_iters": 10, "init": "kmeans"},
 }
 """What ``emdist train --model M`` uses where an option is not given, per model kind
 (chosen by cross-validation on the training set: ``scripts/cv_defaults.py``)."""
