@@ -290,6 +290,12 @@ def train(
         "0: exact EM.")] = 0,
     subsample: Annotated[int, typer.Option(
         help="Use every N-th frame of each utterance (Kaldi's subsample-feats --n).")] = 1,
+    skip_bad_utts: Annotated[bool, typer.Option(
+        help="Leave out utterances with NaN, infinite or absurd (|x| > 1e10) features or no "
+        "frames, listed in EXP_DIR/log/skipped_utts.txt, instead of stopping.")] = False,
+    max_skip_fraction: Annotated[float, typer.Option(
+        help="With --skip-bad-utts: fail if more than this fraction of the utterances would "
+        "be left out.")] = 0.1,
     precision: Annotated[Precision, typer.Option(help="Precision of the E-step products "
                                                  "(statistics are always float64).")]
     = Precision.float32,
@@ -329,7 +335,7 @@ def train(
         model=model.value, skip=skip, viterbi=viterbi,
         nj=nj, global_mode=global_, seed=seed, tol=tol, kmeans_iters=kmeans_iters,
         mixup_iters=mixup_iters, perturb_factor=perturb_factor, gselect=gselect,
-        subsample=subsample,
+        subsample=subsample, skip_bad_utts=skip_bad_utts, max_skip_fraction=max_skip_fraction,
     )
     estep = dict(dtype=precision.value, chunk_size=chunk_size)
     mstep = dict(
@@ -361,7 +367,8 @@ def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: d
     config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
     ExpDir(exp_dir).check_path()  # before reading data or starting workers
     data = load_data_dir(data_dir or _default_data("train"),
-                         require_labels=not config.global_mode)
+                         require_labels=not config.global_mode,
+                         skip_empty=config.skip_bad_utts)
     log.info("data %s: %d utterances, %d frames, dim %d", data.path, len(data.utts),
              data.num_frames, data.dim)
     from emdist.progress import make_progress

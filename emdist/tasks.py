@@ -13,9 +13,9 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,6 +72,8 @@ class LoadedShard:
     shard: Shard
     frames: dict[str, np.ndarray]
     lengths: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    bad: tuple[BadUtterance, ...] = ()
+    """Utterances left out because their features cannot be trained on."""
 
 
 @dataclass(frozen=True)
@@ -150,12 +152,84 @@ def one_blas_thread():
         yield
 
 
+MAX_ABS_FEATURE = 1e10
+"""The largest feature magnitude emdist accepts. The E-step's float32 products hold the
+squares of centred features and their products with precisions (up to 1/--min-variance
+= 1e3): at |x| = 1e10 those are about 1e23 per term, far from float32's 3.4e38; at 1e19 the
+squares alone overflow. Real features (MFCC, filterbanks, i-vectors) are below 1e4."""
+
+
+@dataclass(frozen=True)
+class BadUtterance:
+    """An utterance whose features cannot be trained on, and why."""
+
+    utt_id: str
+    rxfilename: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"utterance {self.utt_id} ({self.rxfilename}) {self.reason}"
+
+
+def frames_problem(feats: np.ndarray) -> str | None:
+    """Why these features cannot be trained on (NaN, infinite, or beyond
+    :data:`MAX_ABS_FEATURE`), or None."""
+    if feats.size == 0:
+        return "has no frames"
+    finite = np.isfinite(feats)
+    if not finite.all():
+        nan = int(np.isnan(feats).sum())
+        inf = int((~finite).sum()) - nan
+        what = " and ".join(x for x in (f"{nan} NaN" if nan else "",
+                                        f"{inf} infinite" if inf else "") if x)
+        return f"has {what} feature values"
+    top = float(np.abs(feats).max())
+    if top > MAX_ABS_FEATURE:
+        return (f"has features of magnitude {top:.3g}, beyond {MAX_ABS_FEATURE:.0e} (their "
+                "squares would overflow the float32 E-step)")
+    return None
+
+
 def read_utterance(utt: Utterance) -> np.ndarray:
-    """Read an utterance's features and refuse NaN or infinite values."""
+    """Read an utterance's features and refuse NaN, infinite or absurd values."""
     feats = load_feats(utt.rxfilename)
-    if not np.isfinite(feats).all():
-        raise DataError(utt.rxfilename, f"utterance {utt.utt_id} has NaN or infinite features")
+    problem = frames_problem(feats)
+    if problem is not None:
+        raise DataError(utt.rxfilename, f"utterance {utt.utt_id} {problem}; fix or drop it, or "
+                        "train with --skip-bad-utts")
     return feats
+
+
+def _read_checked(shard: Shard) -> Iterator[tuple[Utterance, str, np.ndarray | None,
+                                                  BadUtterance | None]]:
+    """Every utterance of a shard read and checked: (utt, key, frames or None, problem)."""
+    for utt, key in zip(shard.utts, shard.keys, strict=True):
+        feats = load_feats(utt.rxfilename)
+        problem = frames_problem(feats)
+        if problem is not None:
+            yield utt, key, None, BadUtterance(utt.utt_id, utt.rxfilename, problem)
+            continue
+        if shard.subsample > 1:
+            feats = np.ascontiguousarray(feats[:: shard.subsample])
+        yield utt, key, feats, None
+
+
+def without(shard: Shard, bad: Iterable[str]) -> Shard:
+    """The shard less the utterances whose ids are in ``bad``."""
+    bad = set(bad)
+    kept = [(u, k) for u, k in zip(shard.utts, shard.keys, strict=True) if u.utt_id not in bad]
+    return replace(shard, utts=tuple(u for u, _ in kept), keys=tuple(k for _, k in kept))
+
+
+@data_errors_as_values
+def check_shard(source: Shard | LoadedShard) -> tuple[BadUtterance, ...]:
+    """The utterances of a shard that cannot be trained on, all of them (``feat-to-len`` and
+    a finiteness check, as ``validate_data_dir.sh`` would): read from disk for a streamed
+    shard; a cached shard was checked when it was loaded."""
+    if isinstance(source, LoadedShard):
+        return source.bad
+    with one_blas_thread():
+        return tuple(b for _, _, _, b in _read_checked(source) if b is not None)
 
 
 def iter_frames(source: Shard | LoadedShard,
@@ -183,15 +257,23 @@ def hold(shard: Shard) -> Shard:
 
 @data_errors_as_values
 def load_shard(shard: Shard) -> LoadedShard:
-    """Read a shard once, to keep it in worker memory (``--feature-cache memory``)."""
+    """Read a shard once, to keep it in worker memory (``--feature-cache memory``), checking
+    every utterance: those that cannot be trained on are left out, and listed in ``bad``
+    (the driver then stops, or goes on without them with ``--skip-bad-utts``)."""
     with one_blas_thread():
         pieces: dict[str, list[np.ndarray]] = {}
-        for key, frames in iter_frames(shard):
+        bad = []
+        for _, key, frames, problem in _read_checked(shard):
+            if problem is not None:
+                bad.append(problem)
+                continue
             pieces.setdefault(key, []).append(frames)
         # column-major: the E-step copies chunks in transposed, contiguous this way
-        return LoadedShard(shard, {k: np.asfortranarray(np.concatenate(v))
-                                   for k, v in sorted(pieces.items())},
-                           {k: tuple(len(f) for f in v) for k, v in sorted(pieces.items())})
+        return LoadedShard(without(shard, (b.utt_id for b in bad)),
+                           {k: np.asfortranarray(np.concatenate(v))
+                            for k, v in sorted(pieces.items())},
+                           {k: tuple(len(f) for f in v) for k, v in sorted(pieces.items())},
+                           tuple(bad))
 
 
 Source = Shard | LoadedShard | SelectedShard | tuple  # tuple: (Shard, Selection), streamed

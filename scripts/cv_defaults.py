@@ -85,7 +85,8 @@ def cross_validate(data, configs, seeds, folds: int, prefix: int) -> list[dict]:
                      "cv_error": statistics.mean(errors), "per_seed": errors,
                      "params_per_word": n_params(k, cov, data.dim, model, states),
                      "train_seconds": seconds / (len(seeds) * folds)})
-        print(f"{model} S={states} K={k} {cov} {init} iters={iters}: CV error {100 * rows[-1]['cv_error']:.2f} % "
+        print(f"{model} S={states} K={k} {cov} {init} iters={iters}: CV error "
+              f"{100 * rows[-1]['cv_error']:.2f} % "
               f"(seeds {', '.join(f'{100 * e:.2f}' for e in errors)})", file=sys.stderr,
               flush=True)
     rows.sort(key=lambda r: (r["cv_error"], r["params_per_word"], r["train_seconds"]))
@@ -139,7 +140,7 @@ def main() -> None:
         args.folds, args.seeds, args.num_gauss = 2, [0], [2, 4]
         args.cov, args.init, args.num_iters = ["full"], ["mixup"], [5]
 
-    from emdist import TrainConfig, digits_dir, load_data_dir
+    from emdist import digits_dir, load_data_dir
 
     data = load_data_dir(args.data_dir or digits_dir("train"))
     configs = []

@@ -262,7 +262,8 @@ def test_corrupt_ark_on_workers_fails_with_its_job_log(processes, serial_runs, t
         train(broken, config, processes, ExpDir(exp), feature_cache=cache)
     message = str(info.value)
     assert f"1 / {config.nj} jobs failed" in message
-    log_path = exp / "log" / f"acc.0.{job}.log"
+    # found by the first pass, which reads and checks every utterance before any EM work
+    log_path = exp / "log" / f"check.0.{job}.log"
     assert f"log is in {log_path};" in message
     assert log_path.read_text().splitlines()[-1].startswith("# Ended (code 1)")
     assert "cannot read features" in log_path.read_text()

@@ -312,27 +312,20 @@ def _check_failure(exc: EmdistError, log_name: str, exp: Path) -> None:
 @pytest.mark.parametrize("how", ["corrupt", "missing"])
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_unreadable_shard_fails_with_its_job_log(data, finished, tmp_path, how, cache):
-    # With cache="memory" this fails (emdist bug): SerialBackend.cache() reads the shards
-    # outside backend.map, so the DataError escapes raw: no "jobs failed", no job log.
     broken, job = _break_utterance(data, how, tmp_path)
     exp = copy_exp(finished, tmp_path / "exp")
     for name in ["1", "2", "3", "4", "final"]:
         (exp / f"{name}.mdl").unlink()  # resume from 0.mdl: the first E-step meets the shard
     with pytest.raises(EmdistError) as info:
         train(broken, _finished_config(), SerialBackend(), ExpDir(exp), feature_cache=cache)
-    _check_failure(info.value, rf"acc\.0\.{job}\.log", exp)
+    # the first pass reads and checks every utterance, before any EM work (issue 12)
+    _check_failure(info.value, rf"check\.0\.{job}\.log", exp)
     assert not (exp / "1.mdl").exists()
-    other_job = 1 if job != 1 else 2
-    ok_log = (exp / "log" / f"acc.0.{other_job}.log").read_text()
-    assert "# Ended (code 0)" in ok_log
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("init", ["kmeans", "mixup"])
 def test_unreadable_shard_during_init_is_an_emdist_error_with_log(data, tmp_path, init):
-    # With init="kmeans" this fails (emdist bug): frame_sample() of the k-means
-    # initialisation calls backend.map directly, so JobsFailed escapes unconverted (not an
-    # EmdistError, no job log; the CLI prints "JobsFailed: 1 / 3 jobs failed", exit 1).
     broken, job = _break_utterance(data, "missing", tmp_path)
     exp = tmp_path / "exp"
     with pytest.raises(EmdistError) as info:
@@ -343,7 +336,9 @@ def test_unreadable_shard_during_init_is_an_emdist_error_with_log(data, tmp_path
             ExpDir(exp),
             feature_cache="none",
         )
-    _check_failure(info.value, rf"init\.\d+\.{job}\.log", exp)  # the first init pass
+    # found by the check pass that comes before the first init pass
+    _check_failure(info.value, rf"check\.0\.{job}\.log", exp)
+    assert not list((exp / "log").glob("init.*.log"))
 
 
 # -- recognition ----------------------------------------------------------------------

@@ -469,23 +469,26 @@ def _nan_data_dir(root: Path) -> tuple[Path, str]:
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_bad_data_on_a_worker_is_a_user_error_and_is_not_retried(threads, tmp_path, cache,
                                                                   monkeypatch):
-    """NaN features fail their shard's task once (Dask retries an exception twice): the
-    driver gets the data error, exit status 2, naming the utterance."""
+    """NaN features are found by the first pass on the workers, which reports them as a
+    value (no exception for Dask to retry): the driver stops with exit status 2, naming the
+    utterance, before any EM work."""
     data, utt = _nan_data_dir(tmp_path)
     reads = []
-    read = tasks.read_utterance
+    read = tasks.load_feats
 
-    def counting_read(u):  # the workers are threads of this process: one counter
-        if u.utt_id == utt:
-            reads.append(u.utt_id)
-        return read(u)
+    def counting_read(rx):  # the workers are threads of this process: one counter
+        if utt in {u.utt_id for u in loaded.utts if u.rxfilename == rx}:
+            reads.append(rx)
+        return read(rx)
 
-    monkeypatch.setattr(tasks, "read_utterance", counting_read)
+    loaded = load_data_dir(data)
+    monkeypatch.setattr(tasks, "load_feats", counting_read)
     config = TrainConfig(num_gauss=2, covariance_type="diag", num_iters=1, nj=3)
     with pytest.raises(EmdistError) as info:
-        train(load_data_dir(data), config, threads, ExpDir(tmp_path / "exp"),
-              feature_cache=cache)
+        train(loaded, config, threads, ExpDir(tmp_path / "exp"), feature_cache=cache)
     assert info.value.exit_code == 2
-    assert utt in str(info.value) and "NaN" in str(info.value)
-    assert "1 / 3 jobs failed" in str(info.value)
-    assert reads == [utt]  # read once: not retried
+    message = str(info.value)
+    assert utt in message and "NaN" in message and "--skip-bad-utts" in message
+    assert "1 of " in message
+    assert len(reads) == 1  # read once: not retried
+    assert not list((tmp_path / "exp" / "log").glob("init.*.log"))

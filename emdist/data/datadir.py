@@ -44,6 +44,8 @@ class DataDir:
     dim: int
     has_text: bool
     utt2spk: dict[str, str] | None
+    empty: tuple[Utterance, ...] = ()
+    """Zero-frame utterances left out (``load_data_dir(..., skip_empty=True)``)."""
 
     @property
     def num_frames(self) -> int:
@@ -335,22 +337,32 @@ def _read_feats_scp(scp: Path, data_dir: Path, allow_pipes: bool) -> _Entries:
     return resolved
 
 
-def _shapes(scp: Path, feats: _Entries, num_frames: dict[str, int] | None) -> tuple[list[int], int]:
-    """Frame counts of all utterances and the common dim, from headers or utt2num_frames."""
+def _shapes(scp: Path, feats: _Entries, num_frames: dict[str, int] | None,
+            skip_empty: bool = False) -> tuple[list[int], int]:
+    """Frame counts of all utterances and the common dim, from headers or utt2num_frames;
+    a zero-frame utterance is an error, or counts 0 with ``skip_empty``."""
     cache: dict[str, BinaryIO] = {}
     counts: list[int] = []
     dim = -1
     try:
         for lineno, utt_id, rx in feats:
             if num_frames is not None and dim >= 0:
+                if num_frames[utt_id] == 0 and not skip_empty:
+                    raise DataError(scp, f"utterance {utt_id!r} has no frames (utt2num_frames); "
+                                    "remove it, or train with --skip-bad-utts", lineno)
                 counts.append(num_frames[utt_id])
                 continue
             try:
                 rows, cols = read_matrix_shape(rx, fd_cache=cache)
             except DataError as exc:
                 raise DataError(scp, f"utterance {utt_id!r}: {exc}", lineno) from None
+            if rows == 0 and skip_empty and dim in (-1, cols):
+                counts.append(0)
+                dim = cols if cols else dim
+                continue
             if rows == 0 or cols == 0:
-                raise DataError(scp, f"utterance {utt_id!r} has no frames; remove it", lineno)
+                raise DataError(scp, f"utterance {utt_id!r} has no frames; remove it, or train "
+                                "with --skip-bad-utts", lineno)
             if dim >= 0 and cols != dim:
                 msg = f"utterance {utt_id!r} has dim {cols} but earlier utterances have dim {dim}"
                 raise DataError(scp, msg + "; all features must have the same dim", lineno)
@@ -362,7 +374,8 @@ def _shapes(scp: Path, feats: _Entries, num_frames: dict[str, int] | None) -> tu
 
 
 def load_data_dir(
-    path: str | os.PathLike[str], *, require_labels: bool = True, allow_pipes: bool = False
+    path: str | os.PathLike[str], *, require_labels: bool = True, allow_pipes: bool = False,
+    skip_empty: bool = False,
 ) -> DataDir:
     """Read and validate a Kaldi data dir.
 
@@ -375,6 +388,9 @@ def load_data_dir(
         ``text`` is optional; labels are read when present, utterances without one get None.
     allow_pipes : bool
         Accept ``cmd |`` entries in ``feats.scp`` (they run shell commands).
+    skip_empty : bool
+        Leave zero-frame utterances out (listed in ``DataDir.empty``) instead of refusing
+        them (``--skip-bad-utts``).
 
     Returns
     -------
@@ -404,12 +420,14 @@ def load_data_dir(
     utt2spk_path, n_frames_path = data_dir / "utt2spk", data_dir / "utt2num_frames"
     utt2spk = _read_id_map(utt2spk_path, feats, "speaker-id") if utt2spk_path.is_file() else None
     num_frames = _read_num_frames(n_frames_path, feats) if n_frames_path.is_file() else None
-    counts, dim = _shapes(scp, feats, num_frames)
-    utts = tuple(
-        Utterance(utt_id, rx, labels.get(utt_id), n)
-        for (_, utt_id, rx), n in zip(feats, counts, strict=True)
-    )
-    return DataDir(data_dir, utts, dim, text.is_file(), utt2spk)
+    counts, dim = _shapes(scp, feats, num_frames, skip_empty)
+    every = [Utterance(utt_id, rx, labels.get(utt_id), n)
+             for (_, utt_id, rx), n in zip(feats, counts, strict=True)]
+    if all(u.num_frames == 0 for u in every):
+        raise DataError(scp, "no utterance has frames")
+    utts = tuple(u for u in every if u.num_frames)
+    empty = tuple(u for u in every if not u.num_frames)
+    return DataDir(data_dir, utts, dim, text.is_file(), utt2spk, empty)
 
 
 def split_by_frames(utts: Sequence[Utterance], nj: int) -> list[tuple[Utterance, ...]]:

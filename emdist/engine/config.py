@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from emdist.errors import UserError
-from emdist.models.estep import EStepOptions
 from emdist.models.defaults import KIND_DEFAULTS
+from emdist.models.estep import EStepOptions
 from emdist.models.gmm import COVARIANCE_TYPES
 from emdist.models.kind import MODEL_KINDS
 from emdist.models.mstep import MStepOptions
@@ -47,6 +47,8 @@ class TrainConfig:
     num_states: int = 5
     skip: bool = False
     viterbi: bool = False
+    skip_bad_utts: bool = False
+    max_skip_fraction: float = 0.1
     estep: EStepOptions = field(default_factory=lambda: EStepOptions(dtype="float32"))
     mstep: MStepOptions = field(default_factory=MStepOptions)
 
@@ -74,6 +76,7 @@ class TrainConfig:
             (self.gselect == 0 or self.global_mode,
              "--gselect selects Gaussians of one --global model (a UBM); add --global"),
             (self.subsample >= 1, "--subsample must be at least 1"),
+            (0 <= self.max_skip_fraction <= 1, "--max-skip-fraction must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,7 +21,7 @@ from emdist.errors import EmdistWarning, UserError
 from emdist.io.expdir import ExpDir
 from emdist.models.kind import get_kind, per_frame
 from emdist.models.mstep import MStepOptions
-from emdist.tasks import GLOBAL_LABEL, one_blas_thread
+from emdist.tasks import GLOBAL_LABEL, BadUtterance, one_blas_thread
 
 log = logging.getLogger("emdist")
 
@@ -118,6 +118,8 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
                                 if not u.rxfilename.rstrip().endswith("|")}))
     log.info("feature cache: %s", trainer.cache_mode)
     start, models, records = _resume(trainer, stage, overwrite)
+    trainer.validate(tuple(BadUtterance(u.utt_id, u.rxfilename, "has no frames")
+                           for u in data.empty))
     if models is None:
         t0 = time.time()
         models = get_kind(config.model).initialize(trainer, labels)

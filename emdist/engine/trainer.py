@@ -18,13 +18,23 @@ from emdist.data.datadir import DataDir, split_by_frames
 from emdist.engine.config import IterationRecord, TrainConfig
 from emdist.errors import RuntimeFailure, UserError
 from emdist.io.expdir import ExpDir
+from emdist.io.modelio import atomic_write_text
 from emdist.models.estep import EStepOptions
 from emdist.models.gmm import GMM
 from emdist.models.gselect import kept_bytes_per_frame
 from emdist.models.kind import kind_of
 from emdist.models.mstep import MStepOptions, UpdateReport
 from emdist.models.stats import StatsMap
-from emdist.tasks import GLOBAL_LABEL, Shard, acc_shard, hold, sample_shard, select_shard
+from emdist.tasks import (
+    GLOBAL_LABEL,
+    Shard,
+    acc_shard,
+    check_shard,
+    hold,
+    sample_shard,
+    select_shard,
+    without,
+)
 
 log = logging.getLogger("emdist")
 
@@ -127,6 +137,49 @@ class Trainer:
             self._selected, self._sources = kept, None  # the block-ordered copy replaces it
         else:
             self._selected = [(src, sel) for src, sel in zip(self.sources, kept, strict=True)]
+
+    def validate(self, empty: tuple = ()) -> list:
+        """The first pass over the data, before any EM work: every shard's utterances
+        checked on the workers (NaN, infinite or absurd features; all of them, not only the
+        first). Without ``--skip-bad-utts`` any bad one is a user error naming the first and
+        their count; with it, they (and ``empty``, the zero-frame utterances the data dir
+        dropped) are left out, listed in ``log/skipped_utts.txt``, and the run fails if more
+        than ``--max-skip-fraction`` of the utterances would go. Returns what was skipped."""
+        try:
+            found = self.backend.map(check_shard, self.sources)
+        except JobsFailed as failed:
+            raise self.job_failure(failed, "check", 0, "emdist check: read and check every "
+                                   "utterance") from None
+        bad = [b for part in found for b in part] + list(empty)
+        if not bad:
+            return []
+        total = sum(len(s.utts) for s in self.shards) + len(empty)
+        if not self.config.skip_bad_utts:
+            listing = self._write_utt_list("bad_utts.txt", bad)
+            raise UserError(f"{len(bad)} of {total} utterances cannot be trained on ({listing})"
+                            f"; the first: {bad[0].describe()}; fix or drop them, or rerun "
+                            "with --skip-bad-utts")
+        listing = self._write_utt_list("skipped_utts.txt", bad)
+        if len(bad) > self.config.max_skip_fraction * total:
+            raise UserError(f"{len(bad)} of {total} utterances cannot be trained on, more than "
+                            f"--max-skip-fraction {self.config.max_skip_fraction:g} "
+                            f"({listing}); the first: {bad[0].describe()}")
+        ids = {b.utt_id for b in bad}
+        self.shards = [without(s, ids) for s in self.shards]
+        if self.cache_mode != "memory":  # the cached copies left them out when loading
+            self._sources = self.backend.keep(hold, self.shards)
+        log.warning("skipped %d of %d utterances whose features cannot be trained on (%s)",
+                    len(bad), total, listing)
+        return bad
+
+    def _write_utt_list(self, name: str, bad: list) -> str:
+        """Write ``log/<name>`` (utt-id, rxfilename, reason per line); where it is."""
+        if self.exp is None:
+            return "not written: no exp dir"
+        path = self.exp.path / "log" / name
+        atomic_write_text(path, "".join(f"{b.utt_id} {b.rxfilename} {b.reason}\n"
+                                        for b in bad))
+        return f"listed in {path}"
 
     @property
     def sources(self) -> list:

@@ -9,10 +9,11 @@ for a UBM). The header names the kind's format (:mod:`emdist.models.kind`); a GM
     <i>.means.npy         (K_i, D)
     <i>.covariances.npy   (K_i, D) or (K_i, D, D)
 
-HMM files (``emdist-hmm``) add per label ``<i>.transitions`` and each state's arrays as
-``<i>.<s>.weights`` ...; codebooks (``emdist-vq``) hold ``<i>.centres``. Files are read with ``numpy.load(path, allow_pickle=False)``. They are written
-deterministically (fixed zip timestamps, no run options), so the same model gives the same
-bytes, and atomically (temporary name in the same directory, then rename).
+HMM files (``emdist-hmm``) hold per label ``<i>.transitions`` and each state's arrays as
+``<i>.<s>.weights``, ``<i>.<s>.means``, ``<i>.<s>.covariances``; codebooks (``emdist-vq``)
+hold ``<i>.centres``. Files are read with ``numpy.load(path, allow_pickle=False)``. They are
+written deterministically (fixed zip timestamps, no run options), so the same model gives
+the same bytes, and atomically (temporary name in the same directory, then rename).
 """
 
 from __future__ import annotations
