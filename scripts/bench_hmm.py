@@ -36,13 +36,22 @@ For each data dir and each (S, K):
       corpus frames / frames run (stated in the output).
    c. emdist GMM: ``gmm_kind.KIND.accumulate`` + ``KIND.update`` with the trained GMM of
       S*K Gaussians per word, float32 E-step products (the CLI's default).
-   Best and median of --repeats (hmmlearn: --hmmlearn-repeats); ratios are of the best
-   times of the same run (the median ratios are in the JSON too).
+   a and c run alternately (HMM, GMM, HMM, ...: both see the same load), at least
+   --repeats times each and until each has --min-time seconds in all; hmmlearn runs
+   --hmmlearn-repeats times. Best and median are reported; ratios are of the best times of
+   the same run (the median ratios are in the JSON too).
 3. Log-likelihood check: emdist's total of the iteration (with the exit transition) and
    hmmlearn's (``monitor_.history[-1]``) differ by the exit; emdist on the no-exit copy that
    hmmlearn holds must equal hmmlearn's (relative difference reported).
 4. With ``--profile N``: cProfile of one emdist HMM accumulate (``accumulate_hmms``
-   underneath), the top N functions by own time.
+   underneath), the top N functions by own time; and the seconds of its phases (emissions,
+   padding, forward-backward, moments), re-enacted with emdist.models.hmm's private helpers.
+
+To measure one commit while the working tree changes, run a copy of its package (the CLI
+subprocesses inherit PYTHONPATH; run from outside the repo, or the working tree comes
+first on sys.path): ``git archive COMMIT emdist | tar -x -C SRC; cd /tmp;
+PYTHONPATH=SRC python /path/to/scripts/bench_hmm.py ...`` -- the JSON records which
+package was measured (``environment.emdist_package``).
 
 The JSON (--json) holds the environment (CPU model name and family from lscpu, BLAS, load
 averages), the command line, every timing and the printed table.
@@ -209,24 +218,43 @@ def cli_train(data: Path, exp: Path, model: str, states: int, gauss: int, cov: s
 # ---------------------------------------------------------------------------- in process
 
 
-def time_emdist(kind, model_file: Path, pieces, estep_options, repeats: int) -> dict:
-    """``repeats`` iterations (accumulate + update of every word), models reloaded from
-    ``model_file`` before each; their seconds, log-likelihood and frames."""
+def one_iteration(kind, model_file: Path, pieces, estep_options) -> tuple[float, dict]:
+    """One in-process iteration (accumulate + update of every word) from the models of
+    ``model_file`` (reloaded: kernels are built inside the timing); seconds and stats."""
     import emdist
     from emdist.models.mstep import MStepOptions
 
-    seconds = []
-    for _ in range(repeats):
-        models = emdist.load_models(model_file)
-        t0 = time.perf_counter()
-        stats = kind.accumulate(models, pieces, estep_options, False)
-        new = {k: kind.update(s, MStepOptions(), models[k]) for k, s in stats.items()}
-        seconds.append(time.perf_counter() - t0)
-        del new
-    loglike = float(sum(s.loglike for s in stats.values()))
-    frames = int(sum(s.frames for s in stats.values()))
-    return {**summary(seconds), "loglike": loglike, "frames": frames,
-            "loglike_per_frame": loglike / max(frames, 1)}
+    models = emdist.load_models(model_file)
+    t0 = time.perf_counter()
+    stats = kind.accumulate(models, pieces, estep_options, False)
+    new = {k: kind.update(s, MStepOptions(), models[k]) for k, s in stats.items()}
+    seconds = time.perf_counter() - t0
+    del new
+    return seconds, stats
+
+
+def time_emdist_pair(runs: dict, repeats: int, min_time: float, max_repeats: int) -> dict:
+    """The HMM and GMM iterations of ``runs`` (name -> (kind, model file, pieces, E-step
+    options)) timed alternately, so that both see the same machine load: at least
+    ``repeats`` each, more while a figure has less than ``min_time`` seconds in all (at
+    most ``max_repeats``)."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    stats: dict[str, dict] = {}
+    while True:
+        for name, (kind, model_file, pieces, options) in runs.items():
+            t, stats[name] = one_iteration(kind, model_file, pieces, options)
+            seconds[name].append(t)
+        n = len(next(iter(seconds.values())))
+        if n >= max_repeats or (n >= repeats and all(sum(v) >= min_time
+                                                     for v in seconds.values())):
+            break
+    out = {}
+    for name in runs:
+        loglike = float(sum(s.loglike for s in stats[name].values()))
+        frames = int(sum(s.frames for s in stats[name].values()))
+        out[name] = {**summary(seconds[name]), "loglike": loglike, "frames": frames,
+                     "loglike_per_frame": loglike / max(frames, 1)}
+    return out
 
 
 def _padded_state(gmm, n_mix: int):
@@ -342,6 +370,55 @@ def profile_hmm(model_file: Path, pieces, estep_options, top: int) -> dict:
             "by_cumtime": by_cum, "text": text.getvalue()}
 
 
+def hmm_phases(model_file: Path, corpus: Corpus) -> dict:
+    """Seconds of the phases of one ``accumulate_hmms`` pass, re-enacted with its private
+    helpers (emdist.models.hmm ``_groups``, ``_stack``, ``forward_backward``): emissions
+    (expanded frames, Gaussian log-likelihoods, per-state log-emissions), padding into one
+    batch, forward-backward, and the posterior-weighted moments; plus the padding (slots /
+    frames) and the steps of the loops over time. ``{"error": ...}`` if those helpers
+    changed."""
+    import emdist
+    from emdist.models import hmm as H
+
+    try:
+        models = emdist.load_models(model_file)
+        utts = {k: corpus.utts[k] for k in corpus.labels}
+        phases = dict.fromkeys(("emissions", "stack", "forward_backward", "moments"), 0.0)
+        steps = slots = frames = groups = 0
+        groups_iter = H._groups(models, utts, H.DEFAULT_BATCH_FRAMES)
+        t_all = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            group = next(groups_iter, None)
+            t1 = time.perf_counter()
+            phases["emissions"] += t1 - t0
+            if group is None:
+                break
+            log_b, lengths, log_trans, rows = H._stack(models, group)
+            t2 = time.perf_counter()
+            gamma, _, _ = H.forward_backward(log_b, lengths, log_trans)
+            t3 = time.perf_counter()
+            for (label, batch), (lo, hi) in zip(group, rows, strict=True):
+                owner = models[label].component_state()
+                occ = gamma[lo:hi][batch.utt, batch.time]
+                (batch.within * occ[:, owner]).T @ batch.z
+            t4 = time.perf_counter()
+            phases["stack"] += t2 - t1
+            phases["forward_backward"] += t3 - t2
+            phases["moments"] += t4 - t3
+            groups += 1
+            steps += log_b.shape[1]
+            slots += log_b.shape[0] * log_b.shape[1]
+            frames += int(lengths.sum())
+        total = time.perf_counter() - t_all
+    except (AttributeError, TypeError, ValueError) as err:  # the private helpers changed
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"seconds": phases, "total": total,
+            "shares": {k: v / total for k, v in phases.items()}, "groups": groups,
+            "time_steps": steps, "padded_slots_per_frame": slots / max(frames, 1),
+            "batch_frames": H.DEFAULT_BATCH_FRAMES}
+
+
 # ---------------------------------------------------------------------------- one config
 
 
@@ -376,19 +453,20 @@ def bench_config(args, corpus: Corpus, states: int, gauss: int, work: Path) -> d
                      "hmm_file": str(exps["hmm"]), "gmm_file": str(exps["gmm"])}
     f32 = EStepOptions(dtype="float32")
     with threadpool_limits(limits=1):
-        log(f"{name}: emdist HMM iteration x{args.repeats}")
-        out["emdist_hmm"] = time_emdist(hmm_kind.KIND, exps["hmm"], corpus.hmm_pieces(), f32,
-                                        args.repeats)
-        log(f"{name}: emdist GMM iteration (K = {k_total}) x{args.repeats}")
-        out["emdist_gmm"] = time_emdist(gmm_kind.KIND, exps["gmm"], corpus.gmm_pieces(), f32,
-                                        args.repeats)
+        log(f"{name}: emdist HMM and GMM (K = {k_total}) iterations, alternately, at least "
+            f"x{args.repeats}")
+        out.update(time_emdist_pair(
+            {"emdist_hmm": (hmm_kind.KIND, exps["hmm"], corpus.hmm_pieces(), f32),
+             "emdist_gmm": (gmm_kind.KIND, exps["gmm"], corpus.gmm_pieces(), f32)},
+            args.repeats, args.min_time, args.max_repeats))
         for key in ("emdist_hmm", "emdist_gmm"):
             out[key]["frames_per_s"] = corpus.n_frames / out[key]["best"]
         if not args.skip_hmmlearn:
             out["hmmlearn"] = bench_hmmlearn(args, corpus, exps["hmm"], name)
         if args.profile:
-            log(f"{name}: cProfile of the emdist HMM accumulate")
+            log(f"{name}: cProfile of the emdist HMM accumulate, and its phases")
             out["profile"] = profile_hmm(exps["hmm"], corpus.hmm_pieces(), f32, args.profile)
+            out["profile"]["phases"] = hmm_phases(exps["hmm"], corpus)
     out["loadavg_end"] = list(os.getloadavg())
     out["ratios"] = ratios(out)
     return out
@@ -503,6 +581,20 @@ def format_tables(report: dict) -> list[str]:
                 f"{c['hmmlearn_per_frame']:.4f} | "
                 f"{c['with_exit_minus_hmmlearn_per_frame']:+.4f} | "
                 f"{c['no_exit_rel_diff']:.1e} |")
+    phased = [r for r in report["results"] if "seconds" in r.get("profile", {}).get(
+        "phases", {})]
+    if phased:
+        lines += ["", "| corpus | S×K | emissions s | padding s | forward-backward s | "
+                  "moments s | total s | padded slots / frame | time steps |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in phased:
+            ph = r["profile"]["phases"]
+            sec, sh = ph["seconds"], ph["shares"]
+            cells = " | ".join(f"{sec[k]:.3f} ({100 * sh[k]:.0f} %)" for k in
+                               ("emissions", "stack", "forward_backward", "moments"))
+            lines.append(f"| {Path(r['corpus']).name} | {r['states']}×{r['gauss']} | {cells} "
+                         f"| {ph['total']:.3f} | {ph['padded_slots_per_frame']:.2f} | "
+                         f"{ph['time_steps']:,} |")
     notes = [r["hmmlearn"]["note"] for r in checks if "note" in r["hmmlearn"]]
     if notes:
         lines += [""] + [f"\\* {Path(r['corpus']).name} {r['states']}×{r['gauss']}: "
@@ -524,8 +616,9 @@ def header(report: dict) -> list[str]:
         "one thread",
         f"load average {env['loadavg_start'][0]:.2f} at start, "
         f"{env['loadavg_end'][0]:.2f} at end; elapsed {report['elapsed_s']:.0f} s",
-        f"in process: best of {cfg['repeats']} (hmmlearn {cfg['hmmlearn_repeats']}), one "
-        "BLAS thread, features in memory; ratios of best times taken in this run",
+        f"in process: best of >= {cfg['repeats']} repeats (emdist HMM and GMM alternately, "
+        f"until {cfg['min_time']} s each; hmmlearn {cfg['hmmlearn_repeats']}), one BLAS "
+        "thread, features in memory; ratios of best times taken in this run",
         f"CLI: median seconds of iterations 2..{cfg['train_iters']} of emdist train "
         f"--num-iters {cfg['train_iters']} (metrics.jsonl)",
     ]
@@ -555,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
       "quick 0); the models timed in process come from the first")
     a("--real-frames", type=int, default=REAL_1M_FRAMES,
       help="frames of a missing --data dir made by make_real_corpus.py (1000000)")
+    a("--min-time", type=float, help="repeat the emdist iterations until each has this "
+      "many seconds in all (default 3; quick 0)")
+    a("--max-repeats", type=int, default=30, help="at most this many emdist repeats (30)")
     a("--skip-hmmlearn", action="store_true")
     a("--profile", type=int, default=0, metavar="N",
       help="cProfile one emdist HMM accumulate per config; keep the top N functions")
@@ -565,8 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-QUICK = {"states": [3], "gauss": [1], "repeats": 1, "train_iters": 2, "cli_workers": [0]}
-FULL = {"states": [5], "gauss": [2, 4], "repeats": 3, "train_iters": 4, "cli_workers": [0, 2]}
+QUICK = {"states": [3], "gauss": [1], "repeats": 1, "train_iters": 2, "cli_workers": [0],
+         "min_time": 0.0}
+FULL = {"states": [5], "gauss": [2, 4], "repeats": 3, "train_iters": 4, "cli_workers": [0, 2],
+        "min_time": 3.0}
 
 
 def resolve(args) -> argparse.Namespace:
@@ -579,6 +677,7 @@ def resolve(args) -> argparse.Namespace:
         args.data = [Path(emdist.digits_dir("train"))]
     if args.hmmlearn_repeats is None:
         args.hmmlearn_repeats = args.repeats
+    args.max_repeats = max(args.max_repeats, args.repeats)
     if min([args.repeats, args.hmmlearn_repeats, args.train_iters, *args.states,
             *args.gauss]) < 1:
         raise SystemExit("bench_hmm.py: error: sizes, repeats and iterations must be >= 1")
@@ -594,6 +693,10 @@ def main(argv: list[str] | None = None) -> int:
     env = bench.environment([str(Path(__file__)), *argv])
     env["blas"] = bench.blas_info()
     env["versions"]["hmmlearn"] = hmmlearn.__version__
+    import emdist
+
+    env["emdist_package"] = str(Path(emdist.__file__).parent)  # which tree was measured
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH")
     report = {"schema": SCHEMA, "quick": args.quick, "environment": env,
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "targets": {"hmmlearn_over_emdist": f"> {TARGET_HMMLEARN}",

@@ -38,7 +38,7 @@ def _positive(value) -> bool:
 
 
 def _check_timing(entry: dict, repeats: int) -> None:
-    assert len(entry["seconds"]) == repeats
+    assert len(entry["seconds"]) >= repeats
     assert all(_positive(s) for s in entry["seconds"]), entry
     assert _positive(entry["best"]) and _positive(entry["median"])
     assert entry["best"] <= entry["median"]
