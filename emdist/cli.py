@@ -108,6 +108,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     warnings.formatwarning = lambda message, category, *_args, **_kw: (
         f"{category.__name__}: {message}"
     )
+    # Dask's client logs a lost scheduler as an error with a traceback; emdist says it in
+    # its own one line (ClusterLost)
+    logging.getLogger("distributed.client").setLevel(
+        logging.DEBUG if verbose else logging.CRITICAL)
     warn_log = logging.getLogger("py.warnings")
     warn_log.handlers[:] = [handler]
     warn_log.propagate = False
@@ -359,7 +363,7 @@ def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: d
 
     options = {**options, **kind_defaults(options["model"]),
                **{k: v for k, v in given.items() if v is not None}}
-    from emdist.errors import WriteFailure
+    from emdist.errors import ClusterLost, WriteFailure
     from emdist.io.expdir import ExpDir
     from emdist.models.estep import EStepOptions
     from emdist.models.mstep import MStepOptions
@@ -383,6 +387,8 @@ def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: d
               progress=progress, **run)
     except WriteFailure as exc:  # say what the full (or read-only) disk left intact
         raise exc.with_kept(ExpDir(exp_dir).kept()) from None
+    except ClusterLost as exc:  # and what a lost scheduler or lost workers left
+        raise exc.with_kept(ExpDir(exp_dir).kept("restart the cluster")) from None
     finally:
         backend.close()
     log.info("wrote %s", Path(exp_dir) / "final.mdl")

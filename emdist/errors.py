@@ -60,5 +60,21 @@ class WriteFailure(RuntimeFailure):
         return (type(self), (self.path, self.reason, self.kept))
 
 
+class ClusterLost(RuntimeFailure):
+    """The Dask scheduler or every worker went away mid-run and did not come back within
+    ``--wait-timeout``. Like :class:`WriteFailure`, ``kept`` says what stays intact. Exit
+    status 1."""
+
+    def __init__(self, what: str, kept: str = "") -> None:
+        self.what, self.kept = what, kept
+        super().__init__(f"{what}; {kept}" if kept else what)
+
+    def with_kept(self, kept: str) -> ClusterLost:
+        return ClusterLost(self.what, kept)
+
+    def __reduce__(self):
+        return (type(self), (self.what, self.kept))
+
+
 class EmdistWarning(UserWarning):
     """Base class of emdist's warnings (the test suite turns them into errors)."""

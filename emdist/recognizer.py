@@ -113,7 +113,9 @@ def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
     for utt in data.utts:
         hyp, best = decide(scores[utt.utt_id])
         confusion[index[utt.label], index[hyp]] += 1
-        utts.append({"utt": utt.utt_id, "ref": utt.label, "hyp": hyp, "score": best})
+        # no model can align an utterance (an HMM, fewer frames than states): score null
+        utts.append({"utt": utt.utt_id, "ref": utt.label, "hyp": hyp,
+                     "score": best if np.isfinite(best) else None})
     return Results(labels, utts, confusion)
 
 
@@ -158,4 +160,4 @@ def evaluate_global(model, data: DataDir, backend: Backend, nj: int = 8,
 
 def write_results(results: Results | LikelihoodResults, path: str | Path) -> None:
     """Write ``results.json`` atomically."""
-    atomic_write_text(path, json.dumps(results.to_dict(), indent=1) + "\n")
+    atomic_write_text(path, json.dumps(results.to_dict(), indent=1, allow_nan=False) + "\n")

@@ -68,6 +68,13 @@ def _stop(procs) -> None:
             p.wait(10)
 
 
+class _Cluster(tuple):
+    """(address, scheduler file), with ``procs``: the scheduler's and the workers'
+    processes (each the leader of its own process group)."""
+
+    procs: list
+
+
 @pytest.fixture()
 def remote_cluster(tmp_path):
     """``dask scheduler`` and two ``dask worker`` processes on loopback."""
@@ -83,7 +90,9 @@ def remote_cluster(tmp_path):
             procs.append(subprocess.Popen(
                 [DASK, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
                  "--name", name, "--host", "127.0.0.1", "--no-dashboard"], **common))
-        yield f"tcp://127.0.0.1:{port}", sched_file
+        cluster = _Cluster((f"tcp://127.0.0.1:{port}", sched_file))
+        cluster.procs = procs
+        yield cluster
     finally:
         _stop(procs)
 
@@ -273,3 +282,46 @@ def test_stage_restarts_from_a_model_and_recomputes_the_same_bytes(subset, tmp_p
     again = _emdist("train", subset, exp, "--workers", "0", *TRAIN_OPTS, "--stage", "1")
     assert again.returncode == 0, again.stderr
     assert (exp / "final.mdl").read_bytes() == final
+
+
+# -- a cluster that goes away mid-run (issue 12, point 4) ----------------------------------
+
+
+def _run_until_model(args: list, exp: Path, model: str = "1.mdl") -> subprocess.Popen:
+    proc = subprocess.Popen([EMDIST, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (exp / model).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("what", ["scheduler", "workers"])
+def test_a_cluster_lost_mid_run_fails_within_wait_timeout_naming_the_last_model(
+        subset, tmp_path, remote_cluster, what):
+    """The scheduler, or every worker (nanny and all), is killed after 1.mdl: with nothing
+    coming back, the run ends with exit 1 within --wait-timeout, in one line naming the
+    scheduler and the last complete model, which is intact."""
+    address, _ = remote_cluster
+    exp = tmp_path / "exp"
+    slow = ["--num-iters", "200", "--num-gauss", "8", "--cov", "full", "--nj", "5", "--quiet"]
+    proc = _run_until_model(["train", subset, exp, "--scheduler", address, "--wait-workers",
+                             "2", "--wait-timeout", "5", *slow], exp)
+    victims = remote_cluster.procs[:1] if what == "scheduler" else remote_cluster.procs[1:]
+    for victim in victims:  # the worker's nanny too: nothing restarts it
+        os.killpg(victim.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    line = _one_runtime_error(res)
+    assert "127.0.0.1" in line and "--wait-timeout" in line
+    last = max(int(p.stem) for p in exp.glob("[0-9]*.mdl"))
+    assert f"the last complete model, {exp / f'{last}.mdl'}, is intact" in line
+    assert took < 5 + 20, (took, err)  # the wait, plus detection and shutdown
+    from emdist.io.modelio import load_models
+
+    load_models(exp / f"{last}.mdl")  # intact
+    assert not list(exp.glob(".*.tmp"))

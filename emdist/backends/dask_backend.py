@@ -36,16 +36,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dask
-from distributed import Client, Future, LocalCluster, as_completed, wait
+from distributed import Client, Future, LocalCluster, wait
 from distributed.client import FutureCancelledError
 from distributed.comm.addressing import parse_address, parse_host_port
 
 from emdist.backends import forkserver
 from emdist.backends.base import JobFailure, JobsFailed, raise_bad_data
-from emdist.errors import RuntimeFailure
+from emdist.errors import ClusterLost, RuntimeFailure
 from emdist.tasks import load_shard, reduce_group
 
+log = logging.getLogger("emdist")
+
 RETRIES = 2
+POLL_SECONDS = 1.0
+"""How often a waiting pass looks at the cluster (lost inputs, no workers)."""
 LOST_DATA_RETRIES = 3
 # A pass whose statistics (about the models' size per shard) stay below this keeps its
 # results until the next pass's tasks are sent (see _map_reduce).
@@ -160,6 +164,25 @@ def _placement(source, j: int, workers: list[str]) -> dict:
     return {"workers": [workers[j % len(workers)]], "allow_other_workers": True}
 
 
+def _unstick(token: str, dask_scheduler=None) -> list[str]:
+    """Runs on the scheduler: tasks of this run stuck in ``no-worker`` although workers are
+    up. A task placed on a worker with ``allow_other_workers`` (a cached shard) whose
+    workers all died is not rescheduled when new workers join (distributed 2024-2025);
+    forgetting its placement and releasing it lets the scheduler run it anywhere."""
+    if not dask_scheduler.running:
+        return []
+    stuck = [key for key, ts in dask_scheduler.tasks.items()
+             if ts.state == "no-worker" and ts.loose_restrictions and token in str(key)]
+    for key in stuck:
+        ts = dask_scheduler.tasks[key]
+        ts.worker_restrictions = None
+        ts.loose_restrictions = False
+    if stuck:
+        dask_scheduler.transitions({key: "released" for key in stuck},
+                                   stimulus_id=f"emdist-unstick-{time.time()}")
+    return stuck
+
+
 def _readable(paths: list[str]) -> list[str]:
     """Runs on a worker: the paths it cannot read."""
     return [p for p in paths if not os.access(p, os.R_OK)]
@@ -198,6 +221,11 @@ class DaskBackend:
         self._balanced: tuple[frozenset, tuple] | None = None
         # the futures of the last call, released once the next call's tasks are sent
         self._held: list = []
+        # the scattered inputs of the current call (watched while it runs)
+        self._shared: list = []
+        self.wait_timeout = 60.0
+        """Seconds to wait for workers when the cluster has none (--wait-timeout)."""
+        self._address = str(getattr(client.scheduler, "address", "") or "(unknown)")
 
     @classmethod
     def local(cls, n_workers: int, processes: bool = True,
@@ -250,6 +278,7 @@ class DaskBackend:
                 "config (distributed.comm.tls.*, see cluster/README.md)"
             ) from None
         backend = cls(client)
+        backend.wait_timeout = timeout
         try:
             client.wait_for_workers(n_workers, timeout=timeout)
             backend.check_versions()
@@ -398,20 +427,75 @@ class DaskBackend:
                   for a in args]
         n = len(sources)
         keys = [f"{name}-{self._token}-{self._call}-{i}" for i in range(n)]
+        self._shared = [a for a in shared if isinstance(a, Future)]
         futures = self.client.map(func, list(sources), *([a] * n for a in shared), key=keys,
                                   retries=RETRIES, pure=False)
         self._held = []  # the last pass's results: released behind these tasks
         return futures
 
     def _wait(self, futures: list, on_done: Callable[[int], None] | None) -> None:
+        """Wait for every future, watching the cluster: scattered inputs lost with their
+        workers (every worker killed at once) end the wait as lost jobs, which
+        :meth:`_retry_lost` sends again; a cluster left without workers is waited for
+        ``wait_timeout`` seconds, then the run fails naming the scheduler."""
         index = {f.key: i for i, f in enumerate(futures)}
-        if on_done is None:
-            wait(futures)
-        else:
-            for fut in as_completed(futures):
-                if fut.status == "finished":
+        pending = list(futures)
+        alone_since = None
+        while pending:
+            try:
+                wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            except Exception:  # noqa: BLE001 -- cancelled futures: judged below, by status
+                pass
+            still = []
+            for fut in pending:
+                if fut.status == "pending":
+                    still.append(fut)
+                elif fut.status == "finished" and on_done is not None:
                     on_done(index[fut.key])
+            pending = still
+            if not pending:
+                break
+            alone_since = self._check_workers(alone_since)
+            if alone_since is not None:
+                continue
+            if self._lost_inputs():
+                raise JobsFailed([JobFailure(index[f.key], FutureCancelledError(
+                    f.key, "lost its inputs with the workers that held them"), "")
+                    for f in pending], len(futures))
+            self.client.run_on_scheduler(_unstick, self._token)
         self._raise_failures(futures)
+
+    def _lost_inputs(self) -> bool:
+        """A scattered input of the current call is gone: no worker holds it any more (the
+        scheduler cannot recompute scattered data, and its dependents would wait forever)."""
+        if not self._shared:
+            return False
+        if any(f.status != "finished" for f in self._shared):
+            return True
+        who_has = self.client.who_has(self._shared)
+        return any(not who_has.get(f.key) for f in self._shared)
+
+    def _check_workers(self, alone_since: float | None) -> float | None:
+        """None while the scheduler answers and has workers; else since when it does not,
+        and :class:`ClusterLost` once that is ``wait_timeout`` seconds."""
+        address = self._address
+        connected = self.client.status == "running"
+        if connected and self.client.scheduler_info().get("workers"):
+            return None
+        now = time.monotonic()
+        if alone_since is None:
+            what = "lost the connection to the scheduler" if not connected else "no workers"
+            log.warning("the Dask cluster at %s: %s; waiting up to %g s (--wait-timeout)",
+                        address, what, self.wait_timeout)
+            return now
+        if now - alone_since > self.wait_timeout:
+            if not connected:
+                raise self._lost_scheduler()
+            raise ClusterLost(f"every worker of the Dask cluster at {address} was lost, and "
+                              f"none came back within {self.wait_timeout:g} s (--wait-timeout)")
+        return alone_since
 
     @staticmethod
     def _raise_failures(futures: list) -> None:
@@ -435,7 +519,9 @@ class DaskBackend:
             raise JobsFailed(failures, len(futures))
 
     def _retry_lost(self, run: Callable[[], Any]) -> Any:
-        """Redo a pass whose scattered inputs were lost with a dead worker."""
+        """Redo a pass whose scattered inputs were lost with a dead worker; a pass that
+        finds no worker waits ``wait_timeout`` for one; a lost scheduler is
+        :class:`ClusterLost`."""
         for attempt in range(LOST_DATA_RETRIES + 1):
             try:
                 return run()
@@ -446,7 +532,47 @@ class DaskBackend:
             except FutureCancelledError:
                 if attempt == LOST_DATA_RETRIES:
                     raise
+            except TimeoutError as exc:  # scatter(broadcast=True) to a cluster of none
+                if "no valid workers" not in str(exc).lower():
+                    raise
+                self._wait_for_a_worker()
+            except OSError:  # CommClosedError and the like: is the scheduler still there?
+                if not self._scheduler_came_back():
+                    raise self._lost_scheduler() from None
         raise AssertionError("unreachable")
+
+    def _scheduler_came_back(self) -> bool:
+        """After a connection error: wait up to ``wait_timeout`` while the client
+        reconnects; True when it is connected again (or never lost the scheduler)."""
+        deadline = time.monotonic() + self.wait_timeout
+        settle = time.monotonic() + 2.0  # a broken stream is noticed within a moment
+        lost = False
+        while time.monotonic() < deadline:
+            status = self.client.status
+            if status == "running" and (lost or time.monotonic() > settle):
+                return True
+            if status in ("closing", "closed"):
+                return False
+            lost = lost or status != "running"
+            time.sleep(0.1)
+        return False
+
+    def _lost_scheduler(self) -> ClusterLost:
+        return ClusterLost(f"lost the connection to the Dask scheduler at {self._address}, "
+                           f"and it did not come back within {self.wait_timeout:g} s "
+                           "(--wait-timeout)")
+
+    def _wait_for_a_worker(self) -> None:
+        log.warning("the Dask cluster at %s has no workers; waiting up to %g s "
+                    "(--wait-timeout) for new ones", self._address, self.wait_timeout)
+        try:
+            self.client.wait_for_workers(1, timeout=self.wait_timeout)
+        except TimeoutError:
+            raise ClusterLost(f"every worker of the Dask cluster at {self._address} was lost, "
+                              f"and none came back within {self.wait_timeout:g} s "
+                              "(--wait-timeout)") from None
+        except OSError:
+            raise self._lost_scheduler() from None
 
     def map(self, func: Callable, sources: Sequence, *args: Any,
             on_done: Callable[[int], None] | None = None) -> list:
@@ -484,6 +610,8 @@ class DaskBackend:
             # the next pass's tasks back.
             self._held = futures + tree
         self._wait(futures, on_done)
+        if len(tree):
+            self._wait(tree, None)
         result = level[0].result()
         raise_bad_data([result], total=len(sources), by_job=True)
         return result

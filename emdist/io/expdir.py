@@ -112,13 +112,14 @@ class ExpDir:
             stale.unlink(missing_ok=True)  # left by a killed run; never under a final name
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def kept(self) -> str:
-        """What a run that failed to write leaves intact, and how to go on (for its error)."""
+    def kept(self, fix: str = "free space (or fix the permissions)") -> str:
+        """What a failed run leaves intact, and how to go on (for its error): ``fix``, then
+        rerun the same command."""
         numbers = self.model_numbers()
         if not numbers:
-            return "no model was written yet; fix the cause, then rerun the same command"
-        return (f"the last complete model, {self.model_path(numbers[-1])}, is intact; free "
-                "space (or fix the permissions), then rerun the same command to continue")
+            return f"no model was written yet; {fix}, then rerun the same command"
+        return (f"the last complete model, {self.model_path(numbers[-1])}, is intact; {fix}, "
+                "then rerun the same command to continue")
 
     def check_path(self) -> None:
         """The exp dir is a directory, or can be made: a file in the way is a user error."""

@@ -30,6 +30,10 @@ from emdist.models.kernel import Kernel, check_finite, expand_features, expanded
 from emdist.models.mstep import MStepOptions, UpdateReport, m_step
 from emdist.models.stats import GmmStats
 
+FLAT_START_FLOOR = 0.01
+"""The least probability of an allowed transition in a flat-start model (Kaldi's default
+``--transition-floor``)."""
+
 DEFAULT_BATCH_FRAMES = 16384
 """Padded frames (utterances x longest utterance) per batch of the E-step."""
 
@@ -740,7 +744,10 @@ def hmm_from_segmentation(stats: HmmStats, mask: np.ndarray, options: MStepOptio
             f"({stats.utts} utterances of at least {s} frames, {stats.unaligned} shorter); "
             "use more data or fewer states")
     states = tuple(m_step(_state_stats(stats.gmm, k, k + 1), options)[0] for k in range(s))
-    return HMM(states, _normalise(stats.transitions, mask, initial_transitions(mask)))
+    # a uniform segmentation never skips: allowed transitions it did not use (skips) start
+    # at FLAT_START_FLOOR, so that Baum-Welch can make use of them (it keeps zeros zero)
+    return HMM(states, _normalise(stats.transitions, mask, initial_transitions(mask),
+                                  FLAT_START_FLOOR))
 
 
 def split_states(model: HMM, target, perturb_factor: float,

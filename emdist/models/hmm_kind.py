@@ -128,20 +128,32 @@ class HmmKind:
                 log.warning("model %s: %d utterances shorter than %d frames are left out",
                             lab, s.unaligned, cfg.num_states)
         rngs = {lab: label_rng(cfg.seed, lab, "mixup") for lab in labels}
+        # per word and state: still growing (below --num-gauss, and its last split held)
+        growing = {lab: m.state_sizes < cfg.num_gauss for lab, m in models.items()}
         p = 1
-        while any(k < cfg.num_gauss for m in models.values() for k in m.state_sizes):
-            models = {lab: split_states(m, np.minimum(2 * m.state_sizes, cfg.num_gauss),
-                                        cfg.perturb_factor, rngs[lab])
-                      for lab, m in models.items()}
-            before = {lab: m.n_components for lab, m in models.items()}
+        while any(g.any() for g in growing.values()):
+            before = {lab: m.state_sizes for lab, m in models.items()}
+            models = {lab: split_states(
+                m, np.where(growing[lab], np.minimum(2 * m.state_sizes, cfg.num_gauss),
+                            m.state_sizes), cfg.perturb_factor, rngs[lab])
+                for lab, m in models.items()}
             for _ in range(cfg.mixup_iters):
                 p += 1
                 stats = passes.e_pass(models, "init", p, hard=cfg.viterbi)
                 models, reports = passes.update(models, stats)
                 passes.write_update_log(f"init.{p}.log", "mix-up Baum-Welch pass", stats,
                                         reports)
-            if all(m.n_components < before[lab] for lab, m in models.items()):
-                break  # the new Gaussians are starved everywhere: mixing up further is moot
+            for lab, m in models.items():
+                if len(m.state_sizes) != len(before[lab]):
+                    raise RuntimeError("a mix-up pass changed the number of states")
+                held = m.state_sizes > before[lab]
+                starved = growing[lab] & ~held
+                if starved.any():  # as the GMM mix-up: that state stops growing
+                    log.warning("model %s: state(s) %s stay at %s Gaussians; the others lack "
+                                "occupancy (--min-gaussian-occupancy)", lab,
+                                np.flatnonzero(starved).tolist(),
+                                m.state_sizes[starved].tolist())
+                growing[lab] = growing[lab] & held & (m.state_sizes < cfg.num_gauss)
         return models
 
     def to_file(self, models: Mapping[str, HMM]) -> tuple[dict, dict[str, np.ndarray]]:
