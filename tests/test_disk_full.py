@@ -120,3 +120,53 @@ def test_a_read_only_file_system_is_named(train_dir, tmp_path):
         assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
         assert re.match(rf"emdist: error: cannot write {disk}/exp: Read-only file system; "
                         "no model was written yet", lines[0]), lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_data_dir_on_a_mount_that_vanishes_mid_run(tmp_path):
+    """The features' file system goes away during training (streamed passes): the run ends
+    with one line naming the ark it could not read and the last complete model, intact."""
+    import kaldiio
+
+    from emdist.corpora import digits_dir
+    from emdist.data.datadir import load_data_dir
+
+    digits = load_data_dir(digits_dir("train"))
+    with tmpfs(tmp_path / "mount", "30m") as mount:
+        data = mount / "train"
+        data.mkdir()
+        utts = digits.utts[:110]
+        with kaldiio.WriteHelper(f"ark,scp:{data}/feats.ark,{data}/feats.scp") as writer:
+            for u in utts:
+                writer(u.utt_id, kaldiio.load_mat(u.rxfilename))
+        (data / "text").write_text("".join(f"{u.utt_id} {u.label}\n" for u in utts))
+        exp = tmp_path / "exp"
+        proc = subprocess.Popen(
+            [*_emdist(), "train", str(data), str(exp), "--workers", "0", "--feature-cache",
+             "none", "--num-iters", "500", "--num-gauss", "2", "--cov", "diag", "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            import time
+
+            deadline = time.monotonic() + 60
+            while not (exp / "2.mdl").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.01)
+            subprocess.run(["umount", "-l", str(mount)], check=True, timeout=10)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    errors = [line for line in err.splitlines() if line.startswith("emdist: error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"{data}/feats.ark" in errors[0] and "cannot read features" in errors[0]
+    match = re.search(r"the last complete model, (\S+), is intact", errors[0])
+    assert match, errors[0]
+    load_models(match.group(1))  # it is
+    assert _no_temporaries(exp)
+
+
+def _emdist() -> list[str]:
+    from helpers import emdist_command
+
+    return emdist_command()

@@ -238,6 +238,9 @@ class Trainer:
         utts = f"{shard.utts[0].utt_id} .. {shard.utts[-1].utt_id}"
         summary = (f"{len(failed.failures)} / {failed.total} jobs failed{where}; "
                    f"job {shard.job} ({utts}): {first.error}")
+        if self.exp is not None and self.exp.model_numbers():
+            # mid-run (the data passed the first pass: a vanished mount, a rewritten ark)
+            summary += "; " + self.exp.kept("fix the cause (the features must stay readable)")
         if all(isinstance(f.error, UserError) for f in failed.failures):
             return UserError(summary)
         return RuntimeFailure(summary)
