@@ -21,6 +21,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GMM": "emdist.models.gmm",
+    "HMM": "emdist.models.hmm",
+    "HmmStats": "emdist.models.hmm",
+    "Codebook": "emdist.models.vq",
     "GmmStats": "emdist.models.stats",
     "EStepOptions": "emdist.models.estep",
     "accumulate": "emdist.models.estep",
