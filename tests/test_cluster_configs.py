@@ -430,9 +430,15 @@ def test_start_jobqueue_dry_run_and_thread_guard(tmp_path):
 FAKE_SUBMIT = """\
     #!/bin/bash
     # fake {submit}: copy the job script (the caller deletes it), run it with bash
-    # in its own session
+    # in its own session. FAKE_REJECT: refuse the job with that message (as the
+    # batch system would, on stderr, status 1); FAKE_DIES: the job ends at once.
+    if [ -n "${{FAKE_REJECT:-}}" ]; then
+        printf '%b\\n' "$FAKE_REJECT" >&2
+        exit 1
+    fi
     script=$(mktemp "$FAKE_JOBS/job.XXXXXX")
     cp "${{@: -1}}" "$script"
+    if [ -n "${{FAKE_DIES:-}}" ]; then echo "exit 1" > "$script"; fi
     setsid bash "$script" >> "$FAKE_JOBS/jobs.log" 2>&1 < /dev/null &
     echo "$!" >> "$FAKE_JOBS/pgids"
     echo "{message}"
@@ -442,6 +448,76 @@ FAKE_CANCEL = """\
     # fake {cancel}: end the job's process group
     for id in "$@"; do kill -TERM -- "-$id" 2>/dev/null || true; done
 """
+FAKE_STATUS = """\
+    #!/bin/bash
+    # fake {status}: the fake jobs whose process group is alive, in {status}'s columns;
+    # FAKE_STATE sets their state, FAKE_REASON the error reason of `qstat -j ID`
+    if [ "${{1:-}}" = -j ]; then
+        echo "error reason    1:          ${{FAKE_REASON:-}}"
+        exit 0
+    fi
+    [ -f "$FAKE_JOBS/pgids" ] || exit 0
+    while read -r id; do
+        if kill -0 -- "-$id" 2>/dev/null; then
+            {line}
+        fi
+    done < "$FAKE_JOBS/pgids"
+"""
+FAKE_SYSTEMS = {
+    "slurm": dict(submit="sbatch", cancel="scancel", status="squeue",
+                  message="Submitted batch job $!",
+                  line='echo "$id ${FAKE_STATE:-RUNNING}"'),
+    "sge": dict(submit="qsub", cancel="qdel", status="qstat",
+                message='Your job $! ("emdist-worker") has been submitted',
+                line='echo "$id 0.50000 emdist-wor root ${FAKE_STATE:-r} 01/01/2026 00:00:00 '
+                     'all.q@localhost 2"'),
+}
+
+
+def fake_batch_system(tmp_path: Path, system: str, **fake_env) -> tuple[dict, Path]:
+    """sbatch/scancel/squeue or qsub/qdel/qstat faked by bash, first on PATH (before a
+    real batch system that the host may have), and an environment for the launcher
+    with them. Returns (env, dir of the fake jobs' pgids and log)."""
+    fake = FAKE_SYSTEMS[system]
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    write_exe(fakebin / fake["submit"], FAKE_SUBMIT.format(**fake))
+    write_exe(fakebin / fake["cancel"], FAKE_CANCEL.format(**fake))
+    write_exe(fakebin / fake["status"], FAKE_STATUS.format(**fake))
+    env = base_env(FAKE_JOBS=jobs, TMPDIR=tmp_path, **fake_env)
+    env["PATH"] = f"{fakebin}{os.pathsep}{env['PATH']}"
+    return env, jobs
+
+
+def fake_jobqueue_config(tmp_path: Path, system: str) -> Path:
+    confdir = tmp_path / "dask-config"
+    confdir.mkdir()
+    cfg = yaml.safe_load(JOBQUEUE_YAML.read_text())
+    sys_cfg = cfg["jobqueue"][system]
+    sys_cfg.update({"cores": 2, "processes": 2, "memory": "2GiB", "interface": "lo"})
+    if system == "slurm":
+        sys_cfg["job-mem"] = "2G"
+    sys_cfg["job-script-prologue"] = [
+        line.replace(TEMPLATE_VENV, str(VENV)) for line in sys_cfg["job-script-prologue"]]
+    (confdir / "jobqueue.yaml").write_text(yaml.safe_dump(cfg))
+    return confdir
+
+
+def start_fake_launcher(procs, tmp_path, system, env, *extra):
+    sched_file = tmp_path / "sched.json"
+    launcher = procs.start(
+        [sys.executable, CLUSTER / "start_jobqueue.py", system, "--scheduler-file",
+         sched_file, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", *extra],
+        "launcher", env=env, cwd=tmp_path,
+    )
+    return launcher, sched_file
+
+
+def fake_pgids(jobs: Path) -> list[int]:
+    path = jobs / "pgids"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
 @pytest.mark.timeout(60)
@@ -454,42 +530,15 @@ def test_start_jobqueue_runs_workers_from_rendered_job_script(tmp_path, procs, s
         pytest.skip("openssl missing")
     from distributed import Client
 
-    submit, cancel, message = {
-        "slurm": ("sbatch", "scancel", "Submitted batch job $!"),
-        "sge": ("qsub", "qdel", 'Your job $! ("emdist-worker") has been submitted'),
-    }[system]
-    fakebin = tmp_path / "bin"
-    fakebin.mkdir()
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    write_exe(fakebin / submit, FAKE_SUBMIT.format(submit=submit, message=message))
-    write_exe(fakebin / cancel, FAKE_CANCEL.format(cancel=cancel))
-
-    confdir = tmp_path / "dask-config"
-    confdir.mkdir()
-    cfg = yaml.safe_load(JOBQUEUE_YAML.read_text())
-    sys_cfg = cfg["jobqueue"][system]
-    sys_cfg.update({"cores": 2, "processes": 2, "memory": "2GiB", "interface": "lo"})
-    if system == "slurm":
-        sys_cfg["job-mem"] = "2G"
-    sys_cfg["job-script-prologue"] = [
-        line.replace(TEMPLATE_VENV, str(VENV)) for line in sys_cfg["job-script-prologue"]]
-    (confdir / "jobqueue.yaml").write_text(yaml.safe_dump(cfg))
+    confdir = fake_jobqueue_config(tmp_path, system)
+    env, jobs = fake_batch_system(tmp_path, system, DASK_CONFIG=confdir)
     security = None
     if tls:
         certs = make_certs(tmp_path / "certs")
         render_tls_template(certs, confdir / "dask-tls.yaml")
         security = client_security(certs)
 
-    sched_file = tmp_path / "sched.json"
-    env = base_env(DASK_CONFIG=confdir, FAKE_JOBS=jobs, TMPDIR=tmp_path)
-    env["PATH"] = f"{fakebin}{os.pathsep}{env['PATH']}"
-    launcher = procs.start(
-        [sys.executable, CLUSTER / "start_jobqueue.py", system, "--jobs", "1",
-         "--scheduler-file", sched_file, "--host", "127.0.0.1",
-         "--dashboard-address", "127.0.0.1:0"],
-        "launcher", env=env, cwd=tmp_path,
-    )
+    launcher, sched_file = start_fake_launcher(procs, tmp_path, system, env, "--jobs", "1")
     address = wait_for_scheduler_file(sched_file, procs, launcher, timeout=30)
     assert address.startswith("tls://" if tls else "tcp://")
     try:
@@ -502,8 +551,7 @@ def test_start_jobqueue_runs_workers_from_rendered_job_script(tmp_path, procs, s
                        for a in info)
             assert client.submit(sum, [1, 2]).result() == 3
     finally:
-        procs.extra_pgids += [int(x) for x in (jobs / "pgids").read_text().split()] \
-            if (jobs / "pgids").exists() else []
+        procs.extra_pgids += fake_pgids(jobs)
     assert len(procs.extra_pgids) == 1  # one job submitted
 
     launcher.send_signal(signal.SIGTERM)
@@ -514,6 +562,107 @@ def test_start_jobqueue_runs_workers_from_rendered_job_script(tmp_path, procs, s
     while _group_alive(procs.extra_pgids[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(procs.extra_pgids[0]), "job not cancelled"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("system,reject,expected", [
+    ("slurm", "sbatch: error: Batch job submission failed: Invalid account or "
+     "account/partition combination specified",
+     "sbatch exited with status 1: sbatch: error: Batch job submission failed: Invalid "
+     "account or account/partition combination specified"),
+    ("sge", r'Unable to run job: job rejected: the requested parallel environment "smp" '
+     r"does not exist.\nExiting.",
+     'qsub exited with status 1: Unable to run job: job rejected: the requested parallel '
+     'environment "smp" does not exist.'),
+])
+def test_start_jobqueue_refused_submission_is_one_error_line(tmp_path, system, reject,
+                                                             expected):
+    """Once printed as 'submitted 1 jobs' with a tornado traceback in the log, the
+    launcher staying up without workers: now exit status 1 and the batch system's own
+    message on one line (the real systems: tests/test_batch_systems.py)."""
+    pytest.importorskip("dask_jobqueue")
+    confdir = fake_jobqueue_config(tmp_path, system)
+    env, jobs = fake_batch_system(tmp_path, system, DASK_CONFIG=confdir, FAKE_REJECT=reject)
+    out = subprocess.run(
+        [sys.executable, str(CLUSTER / "start_jobqueue.py"), system, "--jobs", "2",
+         "--scheduler-file", str(tmp_path / "sched.json"), "--host", "127.0.0.1",
+         "--dashboard-address", "127.0.0.1:0"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=40)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr
+    assert out.stderr == ("start_jobqueue.py: error: one of 2 jobs was not submitted: "
+                          f"{expected}\n")
+    assert "submitted 2 jobs" not in out.stdout
+    assert not (tmp_path / "sched.json").exists()
+    assert fake_pgids(jobs) == []
+
+
+@pytest.mark.timeout(60)
+def test_start_jobqueue_replaces_a_job_that_ended(tmp_path, procs):
+    """A job that ends while the launcher runs (scancel, walltime, a node lost) is
+    replaced, and the new job's workers join."""
+    pytest.importorskip("dask_jobqueue")
+    from distributed import Client
+
+    confdir = fake_jobqueue_config(tmp_path, "slurm")
+    env, jobs = fake_batch_system(tmp_path, "slurm", DASK_CONFIG=confdir)
+    launcher, sched_file = start_fake_launcher(procs, tmp_path, "slurm", env, "--poll", "0.5")
+    wait_for_scheduler_file(sched_file, procs, launcher, timeout=30)
+    try:
+        with Client(scheduler_file=str(sched_file), timeout=15) as client:
+            client.wait_for_workers(2, timeout=25)
+            first = sorted(str(w["name"]) for w in worker_info(client).values())
+            (pgid,) = fake_pgids(jobs)
+            os.killpg(pgid, signal.SIGTERM)  # the job ends behind the launcher's back
+            deadline = time.monotonic() + 25
+            while time.monotonic() < deadline:
+                names = sorted(str(w["name"]) for w in worker_info(client).values())
+                if len(names) == 2 and not set(names) & set(first):
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"no new workers\n{procs.logs()}")
+    finally:
+        procs.extra_pgids += fake_pgids(jobs)
+    old, new = fake_pgids(jobs)
+    assert re.search(rf"^job {old} \(SLURMCluster-0\) has ended; submitted job {new} "
+                     r"\(SLURMCluster-1\) in its place$", procs.log("launcher"), re.M)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(20) == 0, procs.logs()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["jobs-die", "sge-error-state"])
+def test_start_jobqueue_gives_up_on_jobs_that_cannot_run(tmp_path, procs, case):
+    """Jobs that end before any worker connected are replaced at most
+    MAX_FAILED_STARTS times in a row; an SGE job in error state (Eqw) is not waited for.
+    Either way: exit status 1 and one error line."""
+    pytest.importorskip("dask_jobqueue")
+    system = "slurm" if case == "jobs-die" else "sge"
+    fake = {"FAKE_DIES": "1"} if case == "jobs-die" else {
+        "FAKE_STATE": "Eqw", "FAKE_REASON": "can't chdir to /gone: No such file or directory"}
+    confdir = fake_jobqueue_config(tmp_path, system)
+    env, jobs = fake_batch_system(tmp_path, system, DASK_CONFIG=confdir, **fake)
+    launcher, sched_file = start_fake_launcher(procs, tmp_path, system, env, "--poll", "0.3")
+    try:
+        rc = launcher.wait(30)
+    finally:
+        procs.extra_pgids += fake_pgids(jobs)
+    errors = [line for line in procs.log("launcher").splitlines() if "error" in line.lower()]
+    assert rc == 1 and len(errors) == 1, procs.logs()
+    assert "Traceback" not in procs.log("launcher")
+    pgids = fake_pgids(jobs)
+    if case == "jobs-die":
+        assert len(pgids) == 3
+        assert errors[0] == (
+            f"start_jobqueue.py: error: job {pgids[-1]} (SLURMCluster-2) has ended; 3 jobs in "
+            "a row ended before any of their workers connected: see the output of job "
+            f"{pgids[-1]}")
+    else:
+        assert len(pgids) == 1
+        assert errors[0] == (
+            f"start_jobqueue.py: error: job {pgids[0]} is in error state (Eqw): can't chdir "
+            "to /gone: No such file or directory")
+    assert not sched_file.exists()
 
 
 # ------------------------------------------------- batch scripts, with fake SLURM/SGE
