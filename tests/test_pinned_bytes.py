@@ -1,7 +1,8 @@
 """Today's models, byte for byte (issue 10: pinned before the package is restructured).
 
-The exact bytes of ``final.mdl`` for the default digits command (``emdist train``) and for
-``emdist train DIGITS EXP --global --cov diag``. A restructure must give the same bytes; a
+The exact bytes of ``final.mdl`` for the default digits command (``emdist train``), for
+``emdist train DIGITS EXP --global --cov diag`` and for the default HMM and k-means word
+models (``--model hmm``, ``--model kmeans``). A restructure must give the same bytes; a
 change of defaults or numerics updates them in a commit of its own that says why.
 
 The products run in float32 through BLAS, whose kernels (and numpy's SIMD ``exp2``) differ
@@ -28,11 +29,15 @@ PINNED = {
     ("2.4.6", "openblas", "SkylakeX"): {
         "default": "2ec210ddafe1da903fd20b3fe47db587c03b831f4d76e562823d1d046d1dd108",
         "global-diag": "387ec229de937c7dfc1eb6cb52d08b93ae5aaa8c15aca311974763183ce8bf66",
+        "hmm": "483983c8be1dd75cc8c7215efc8f2aa7737d9bc23d68bf4393cd0efc7690adc8",
+        "kmeans": "abc2288166d86358c7ed117d7e8fb79ebc8a7bad277b50ff0f2fa3b1d86ce14a",
     },
 }
 COMMANDS = {
     "default": [],
     "global-diag": [str(digits_dir("train")), "exp/digits", "--global", "--cov", "diag"],
+    "hmm": [str(digits_dir("train")), "exp/digits", "--model", "hmm"],
+    "kmeans": [str(digits_dir("train")), "exp/digits", "--model", "kmeans"],
 }
 
 

@@ -7,7 +7,7 @@ Chosen by cross-validation by speaker on the training set, never on a test set:
 
 KIND_DEFAULTS = {
     "gmm": {"num_gauss": 32, "covariance_type": "diag", "num_iters": 20, "init": "mixup"},
-    "hmm": {"num_gauss": 2, "covariance_type": "diag", "num_iters": 10, "num_states": 5,
+    "hmm": {"num_gauss": 4, "covariance_type": "diag", "num_iters": 10, "num_states": 6,
             "init": "mixup"},
     "kmeans": {"num_gauss": 256, "covariance_type": "diag", "num_iters": 10, "init": "kmeans"},
 }
