@@ -82,6 +82,12 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
 
+    @classmethod
+    def for_model(cls, model: str, **options) -> TrainConfig:
+        """The configuration ``emdist train --model MODEL`` uses: that kind's defaults
+        (:func:`kind_defaults`; the dataclass defaults are the GMM's), then ``options``."""
+        return cls(model=model, **{**kind_defaults(model), **options})
+
     def to_dict(self) -> dict:
         return asdict(self)
 
