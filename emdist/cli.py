@@ -359,16 +359,15 @@ def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: d
     _start_fork_server(*backend_args)
     from emdist.data.datadir import load_data_dir
     from emdist.engine import TrainConfig, train
-    from emdist.engine.config import kind_defaults
 
-    options = {**options, **kind_defaults(options["model"]),
-               **{k: v for k, v in given.items() if v is not None}}
+    options = {**options, **{k: v for k, v in given.items() if v is not None}}
     from emdist.errors import ClusterLost, WriteFailure
     from emdist.io.expdir import ExpDir
     from emdist.models.estep import EStepOptions
     from emdist.models.mstep import MStepOptions
 
-    config = TrainConfig(**options, estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
+    config = TrainConfig.for_model(options.pop("model"), **options,
+                                   estep=EStepOptions(**estep), mstep=MStepOptions(**mstep))
     ExpDir(exp_dir).check_path()  # before reading data or starting workers
     data = load_data_dir(data_dir or _default_data("train"),
                          require_labels=not config.global_mode,
