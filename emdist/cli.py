@@ -108,10 +108,6 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     warnings.formatwarning = lambda message, category, *_args, **_kw: (
         f"{category.__name__}: {message}"
     )
-    # Dask's client logs a lost scheduler as an error with a traceback; emdist says it in
-    # its own one line (ClusterLost)
-    logging.getLogger("distributed.client").setLevel(
-        logging.DEBUG if verbose else logging.CRITICAL)
     warn_log = logging.getLogger("py.warnings")
     warn_log.handlers[:] = [handler]
     warn_log.propagate = False
@@ -154,11 +150,22 @@ def _check_backend_args(workers: int | None, scheduler: str | None,
         raise UserError(f"--workers must be 0 (in process) or more, not {workers}")
 
 
+def _quiet_dask() -> None:
+    """Dask's client logs a lost scheduler as errors with tracebacks; emdist says it in its
+    own one line (ClusterLost). Called once ``distributed`` is imported (its import sets
+    its loggers' levels from the Dask config); ``--verbose`` keeps them."""
+    if log.level > logging.DEBUG:
+        for name in ("distributed.client", "distributed.batched", "distributed.core"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | None,
              wait_workers: int, wait_timeout: float, dashboard_address: str | None = None,
              short_pass: float = 0.0):
     if scheduler or scheduler_file:
         from emdist.backends.dask_backend import DaskBackend
+
+        _quiet_dask()
 
         return DaskBackend.connect(scheduler, str(scheduler_file) if scheduler_file else None,
                                    timeout=wait_timeout, n_workers=wait_workers)
@@ -168,6 +175,8 @@ def _backend(workers: int | None, scheduler: str | None, scheduler_file: Path | 
 
         return SerialBackend()
     from emdist.backends.starting import StartingCluster
+
+    _quiet_dask()
 
     if dashboard_address:  # a cluster to watch: started at once, every pass on it
         short_pass = 0.0

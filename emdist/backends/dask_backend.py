@@ -563,10 +563,11 @@ class DaskBackend:
                            "(--wait-timeout)")
 
     def _wait_for_a_worker(self) -> None:
-        log.warning("the Dask cluster at %s has no workers; waiting up to %g s "
-                    "(--wait-timeout) for new ones", self._address, self.wait_timeout)
+        """After a scatter found no worker: that scatter already waited the client's
+        timeout (``--wait-timeout`` on a cluster emdist connected to), so a cluster still
+        without workers is lost now; one with workers again gets the pass again."""
         try:
-            self.client.wait_for_workers(1, timeout=self.wait_timeout)
+            self.client.wait_for_workers(1, timeout=min(1.0, self.wait_timeout))
         except TimeoutError:
             raise ClusterLost(f"every worker of the Dask cluster at {self._address} was lost, "
                               f"and none came back within {self.wait_timeout:g} s "
