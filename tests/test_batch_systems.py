@@ -484,12 +484,8 @@ def test_qdel_of_every_array_task_is_an_error_naming_the_lost_workers(serial, tm
     finally:
         cancel("sge", job_id)
     wait_gone("sge", [job_id])
-    if took > wait + 5:
-        pytest.xfail(
-            f"known, not in cluster/: the driver failed {took:.0f} s after the workers were "
-            f"lost, with --wait-timeout {wait}: emdist/backends/dask_backend.py waits it "
-            "twice (Client.scatter(broadcast=True) gives 'No valid workers found' only "
-            "after the client's timeout, then _wait_for_a_worker waits again)")
+    # within --wait-timeout of the loss, plus the batch system's own time to kill the jobs
+    assert took <= wait + 8, took
 
 
 @pytest.mark.timeout(120)
