@@ -21,7 +21,13 @@ from emdist.errors import DataError, UserError
 
 _WS = re.compile(r"[ \t\r\f\v]+")
 _MAX_OPEN_FILES = 64
-_READ_ERRORS = (OSError, ValueError, AssertionError, struct.error, EOFError, RuntimeError)
+_READ_ERRORS = (OSError, ValueError, AssertionError, struct.error, EOFError, RuntimeError,
+                OverflowError, IndexError)
+"""What reading a matrix raises on bad bytes, offsets or ranges (kaldiio asserts; an offset
+past what a file position holds overflows; a range of more than two axes over-indexes)."""
+MAX_FRAMES = 2**31 - 1
+"""The most frames (rows) a Kaldi matrix holds (an int32): larger counts are refused."""
+_MATRIX_TOKENS = (b"FM", b"DM", b"CM", b"CM2", b"CM3")
 _Entries = list[tuple[int, str, str]]  # (line number, utt_id, rest of the line)
 
 
@@ -67,7 +73,10 @@ def _read_table(path: Path, value: str) -> _Entries:
     """Read a table file as ``(line number, utt_id, rest of line)``; ids unique and sorted."""
     entries: _Entries = []
     prev = b""
-    raw_lines = path.read_bytes().split(b"\n")
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except OSError as exc:  # no permission, a directory, an I/O error
+        raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
     if raw_lines[-1] == b"":
         raw_lines.pop()
     for lineno, raw in enumerate(raw_lines, start=1):
@@ -128,9 +137,15 @@ def _read_num_frames(path: Path, feats: _Entries) -> dict[str, int]:
     id_map = _read_id_map(path, feats, "num-frames")
     # no empty lines (checked), so the n-th entry is on line n
     for lineno, (utt_id, value) in enumerate(id_map.items(), start=1):
-        if not re.fullmatch("[0-9]+", value) or int(value) == 0:
-            msg = f"frame count {value!r} of {utt_id!r} is not a positive integer; regenerate it"
-            raise DataError(path, msg + " (utils/data/get_utt2num_frames.sh)", lineno)
+        digits = value.lstrip("0")
+        if not re.fullmatch("[0-9]+", value) or not digits:
+            msg = f"frame count {value[:40]!r} of {utt_id!r} is not a positive integer; "
+            raise DataError(path, msg + "regenerate it (utils/data/get_utt2num_frames.sh)",
+                            lineno)
+        if len(digits) > 10 or int(digits) > MAX_FRAMES:  # int() refuses 4300 digits
+            shown = repr(value[:20]) + ("..." if len(value) > 20 else "")
+            msg = f"frame count {shown} of {utt_id!r} is more than a Kaldi matrix "
+            raise DataError(path, msg + f"holds ({MAX_FRAMES}); regenerate it", lineno)
     return {utt_id: int(value) for utt_id, value in id_map.items()}
 
 
@@ -158,7 +173,7 @@ def parse_rxfilename(rxfilename: str) -> tuple[str, int | None, str]:
         cut = rest.rindex("[")
         rest, suffix = rest[:cut], rest[cut:]
     head, sep, tail = rest.rpartition(":")
-    if sep and tail.isdigit():
+    if sep and tail.isdecimal():  # the digits int() reads (isdigit() also holds for "²")
         return head, int(tail), suffix
     return rest, None, suffix
 
@@ -198,18 +213,26 @@ def _cached_handle(fd_cache: dict[str, BinaryIO], path: str) -> BinaryIO:
 
 
 def _header_shape(buf: bytes) -> tuple[int, int] | None:
-    """Shape from the first bytes of a Kaldi matrix; None for text and other kaldiio types.
+    """Shape from the first bytes of a Kaldi matrix; None for a text matrix.
 
-    Bytes that start no Kaldi object (a bad offset) are an error rather than a guess.
+    Bytes that start no Kaldi matrix (a bad offset, a vector, another kaldiio type) are an
+    error rather than a guess.
     """
+    header = _header(buf)
+    return None if header is None else header[1:]
+
+
+def _header(buf: bytes) -> tuple[bytes, int, int] | None:
+    """(type token, rows, cols) from the first bytes of a binary Kaldi matrix; None for a
+    text matrix (``[``); ValueError for anything else."""
     if buf.lstrip()[:1] == b"[":
         return None
     if buf[:2] != b"\0B":
         where = "past the end of the file" if not buf else "not at the start of a Kaldi matrix"
         raise ValueError(f"offset is {where}; regenerate feats.scp")
     end = buf.find(b" ", 2, 7)
-    if end < 0 or buf[2:end] not in (b"FM", b"DM", b"CM", b"CM2", b"CM3"):
-        return None
+    if end < 0 or buf[2:end] not in _MATRIX_TOKENS:
+        raise ValueError("not a matrix (features must be a Kaldi matrix, one row per frame)")
     token, body = buf[2:end], buf[end + 1 :]
     if token in (b"FM", b"DM"):
         if len(body) < 10 or body[0] != 4 or body[5] != 4:
@@ -221,7 +244,34 @@ def _header_shape(buf: bytes) -> tuple[int, int] | None:
         rows, cols = struct.unpack("<8xii", body[:16])
     if rows < 0 or cols < 0:
         raise ValueError(f"negative matrix size {rows}x{cols} in header")
-    return rows, cols
+    return token, rows, cols
+
+
+def _matrix_bytes(token: bytes, rows: int, cols: int) -> int:
+    """Bytes of a binary Kaldi matrix, header included, as its header declares them."""
+    if token in (b"FM", b"DM"):  # "\0BFM " + (\4 rows \4 cols) + data
+        return 15 + rows * cols * (4 if token == b"FM" else 8)
+    if token == b"CM":  # global header, 8 bytes per column, one byte per value
+        return 21 + 8 * cols + rows * cols
+    return 22 + rows * cols * (2 if token == b"CM2" else 1)
+
+
+def _check_fits(fd: BinaryIO, start: int) -> None:
+    """The matrix at ``start`` (a Kaldi matrix or a text one) declares no more bytes than
+    the file holds: a truncated ark or a corrupt header is refused before kaldiio allocates
+    what it claims."""
+    fd.seek(start)
+    header = _header(fd.read(24))
+    if header is not None:
+        held = os.fstat(fd.fileno()).st_size - start
+        needed = _matrix_bytes(*header)
+        if needed > held:
+            token, rows, cols = header
+            raise ValueError(
+                f"{token.decode()} matrix of {rows}x{cols} needs {needed} bytes, the file holds "
+                f"{held} from the offset; the ark is truncated or the header corrupt"
+            )
+    fd.seek(start)
 
 
 def _range_shape(shape: tuple[int, int], suffix: str) -> tuple[int, int]:
@@ -256,9 +306,9 @@ def read_matrix_shape(
     -------
     rows, cols : int
     """
-    path, offset, suffix = parse_rxfilename(rxfilename)
     handles = {} if fd_cache is None else fd_cache
     try:
+        path, offset, suffix = parse_rxfilename(rxfilename)
         if _is_pipe(rxfilename):
             return _matrix_shape(kaldiio.load_mat(rxfilename))
         fd = _cached_handle(handles, path)
@@ -269,11 +319,16 @@ def read_matrix_shape(
             return _matrix_shape(kaldiio.load_mat(rxfilename, fd_dict=handles))
         return _range_shape(shape, suffix) if suffix else shape
     except _READ_ERRORS as exc:
-        msg = f"cannot read the matrix header: {exc or type(exc).__name__}"
-        raise DataError(rxfilename, msg) from None
+        raise DataError(rxfilename, f"cannot read the matrix header: {_reason(exc)}") from None
     finally:
         if fd_cache is None:
             _close_all(handles)
+
+
+def _reason(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (kaldiio's span several), cut to ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _close_all(fd_cache: dict[str, BinaryIO]) -> None:
@@ -303,13 +358,22 @@ def load_feats(rxfilename: str) -> np.ndarray:
     feats : ndarray, shape (n_frames, dim)
         float32, C-contiguous and writable (double-precision data is converted).
     """
+    handles: dict[str, BinaryIO] = {}
     try:
-        mat = kaldiio.load_mat(rxfilename)
+        if _is_pipe(rxfilename):
+            mat = kaldiio.load_mat(rxfilename)
+        else:
+            path, offset, _ = parse_rxfilename(rxfilename)
+            _check_fits(_cached_handle(handles, path), offset or 0)
+            with np.errstate(all="ignore"):  # absurd values are the frame check's to report
+                mat = kaldiio.load_mat(rxfilename, fd_dict=handles)
         _matrix_shape(mat)
     except _READ_ERRORS as exc:
-        msg = f"cannot read features: {exc or type(exc).__name__}"
-        raise DataError(rxfilename, msg) from None
-    feats = np.ascontiguousarray(mat, dtype=np.float32)
+        raise DataError(rxfilename, f"cannot read features: {_reason(exc)}") from None
+    finally:
+        _close_all(handles)
+    with np.errstate(all="ignore"):  # values past float32 are the frame check's to report
+        feats = np.ascontiguousarray(mat, dtype=np.float32)
     return feats if feats.flags.writeable else feats.copy()
 
 
