@@ -380,3 +380,14 @@ def test_unknown_stats_type_of_another_json_type(tmp_path):
         {"format": "emdist-stats", "version": 1, "labels": ["a"], "stats": ["HmmStats"]}))}))
     with pytest.raises(UserError, match=f"{path}: unknown statistics type"):  # was TypeError
         load_stats(path)
+
+
+def test_a_header_beyond_unicode_is_refused(tmp_path):
+    # numpy turned the UCS4 code 0x110000 into a str that json's scanner met with SystemError
+    meta = np.array('{"format": "emdist-gmm", "version": 1}')
+    codes = meta.reshape(1).view(np.uint32).copy()
+    codes[3] = 0x110000
+    path = tmp_path / "x.mdl"
+    path.write_bytes(npz_bytes({"meta": codes.view(meta.dtype).reshape(())}))
+    with pytest.raises(UserError, match=f"{path}: not an emdist file .*beyond Unicode"):
+        load_models(path)

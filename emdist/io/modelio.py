@@ -225,6 +225,9 @@ def _meta_of(arrays: dict[str, np.ndarray]) -> dict:
     if raw.dtype.kind != "U" or raw.shape != ():
         raise ValueError(f"the 'meta' header is a {raw.dtype} array of shape {raw.shape}, "
                          "not a JSON string")
+    codes = raw.astype(raw.dtype.newbyteorder("=")).reshape(1).view(np.uint32)
+    if (codes > 0x10FFFF).any():  # numpy would make a str Python's json cannot scan
+        raise ValueError("the 'meta' header holds a character beyond Unicode")
     meta = json.loads(str(raw))
     if not isinstance(meta, dict):
         raise ValueError("the 'meta' header is not a JSON object")
