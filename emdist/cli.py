@@ -454,7 +454,7 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
           viterbi: bool = False) -> None:
     from emdist.data.datadir import load_data_dir
     from emdist.errors import UserError, WriteFailure
-    from emdist.io.modelio import load_models
+    from emdist.io.modelio import check_models_fit, load_models
     from emdist.recognizer import evaluate, evaluate_global, write_results
     from emdist.tasks import GLOBAL_LABEL
 
@@ -466,6 +466,7 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
                         f"{type(next(iter(models.values()))).kind} models")
     ubm = set(models) == {GLOBAL_LABEL}
     data = load_data_dir(data_dir or _default_data("test"), require_labels=not ubm)
+    check_models_fit(models, data, Path(exp_dir) / model)
     backend = _backend(*backend_args)
     try:
         if ubm:

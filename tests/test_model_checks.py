@@ -229,9 +229,6 @@ def test_model_of_another_dim_is_refused_by_test(corpus, tmp_path):
     assert _snapshot(exp) == before
 
 
-@pytest.mark.xfail(strict=True, reason="emdist/cli.py _test does not call "
-                   "modelio.check_models_fit(models, data, model_path) yet; the recognizer's "
-                   "own check names the data dir only (files outside this change)")
 def test_model_of_another_dim_names_the_model_file(corpus, tmp_path):
     exp = _swap_in_13_dim_model(corpus, tmp_path)
     result = invoke("test", exp, corpus["test"], "--workers", "0", "-q")
@@ -262,8 +259,6 @@ def test_resume_from_model_with_nan(corpus, tmp_path):
     assert _snapshot(exp) == before
 
 
-@pytest.mark.xfail(strict=True, reason="emdist/engine/driver.py _resume drops the models after "
-                   "--stage N and final.mdl before it reads N.mdl: read (and check) it first")
 def test_stage_from_corrupt_model_loses_nothing(corpus, tmp_path):
     exp = shutil.copytree(corpus["exps"]["gmm"], tmp_path / "exp")
     _flip(exp / "0.mdl")
@@ -273,9 +268,6 @@ def test_stage_from_corrupt_model_loses_nothing(corpus, tmp_path):
     assert _snapshot(exp) == before
 
 
-@pytest.mark.xfail(strict=True, reason="emdist/engine/driver.py _resume does not call "
-                   "modelio.check_models_fit: --stage with a model of another dim exits 0 "
-                   "and copies it to final.mdl; an unfinished run fails in the E-step (exit 1)")
 def test_stage_from_model_of_another_dim(corpus, tmp_path):
     exp = shutil.copytree(corpus["exps"]["gmm"], tmp_path / "exp")
     shutil.copy(corpus["exps"]["gmm13"] / "1.mdl", exp / "1.mdl")

@@ -19,6 +19,7 @@ from emdist.engine.config import IterationRecord, TrainConfig
 from emdist.engine.trainer import Progress, Trainer, make_shards
 from emdist.errors import EmdistWarning, UserError
 from emdist.io.expdir import ExpDir
+from emdist.io.modelio import check_models_fit
 from emdist.models.kind import get_kind, per_frame
 from emdist.models.mstep import MStepOptions
 from emdist.tasks import GLOBAL_LABEL, BadUtterance, one_blas_thread
@@ -117,7 +118,7 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
     backend.check_paths(sorted({parse_rxfilename(u.rxfilename)[0] for u in data.utts
                                 if not u.rxfilename.rstrip().endswith("|")}))
     log.info("feature cache: %s", trainer.cache_mode)
-    start, models, records = _resume(trainer, stage, overwrite)
+    start, models, records = _resume(trainer, stage, overwrite, data)
     trainer.validate(tuple(BadUtterance(u.utt_id, u.rxfilename, "has no frames")
                            for u in data.empty))
     if models is None:
@@ -142,8 +143,10 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
     return _iterate(trainer, models, start, records)
 
 
-def _resume(trainer: Trainer, stage: int | None, overwrite: bool):
-    """(first model number, its models, records so far), or (0, None, []) to start afresh."""
+def _resume(trainer: Trainer, stage: int | None, overwrite: bool, data: DataDir):
+    """(first model number, its models, records so far), or (0, None, []) to start afresh.
+    The model resumed from is read, checked and matched to the data before anything in the
+    exp dir changes."""
     exp = trainer.exp
     if exp is None:
         return 0, None, []
@@ -153,15 +156,18 @@ def _resume(trainer: Trainer, stage: int | None, overwrite: bool):
     if stage is not None:
         if stage not in numbers:
             raise UserError(f"--stage {stage}: {exp.model_path(stage)} does not exist")
-        exp.drop_models_after(stage)
         numbers = [n for n in numbers if n <= stage]
     if not numbers:
         return 0, None, []
     last = numbers[-1]
+    models = exp.load_model(last)
+    check_models_fit(models, data, exp.model_path(last))
+    if stage is not None:
+        exp.drop_models_after(stage)
     records = [r for r in exp.read_metrics() if r["iter"] <= last]
     if last:
         log.info("resuming from %s", exp.model_path(last))
-    return last, exp.load_model(last), records
+    return last, models, records
 
 
 def _save(exp: ExpDir | None, i: int, models) -> None:
