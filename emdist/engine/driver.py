@@ -119,6 +119,9 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
                                 if not u.rxfilename.rstrip().endswith("|")}))
     log.info("feature cache: %s", trainer.cache_mode)
     start, models, records = _resume(trainer, stage, overwrite, data)
+    if models is not None and exp.final.exists() and stage is None:
+        log.info("%s is complete; nothing to do", exp.final)
+        return exp.load_model("final")
     trainer.validate(tuple(BadUtterance(u.utt_id, u.rxfilename, "has no frames")
                            for u in data.empty))
     if models is None:
@@ -127,9 +130,6 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
         _save(exp, 0, models)
         log.info("initial model (%s) in %.1f s", config.init, time.time() - t0)
         start = 0
-    if exp is not None and exp.final.exists() and stage is None:
-        log.info("%s is complete; nothing to do", exp.final)
-        return exp.load_model("final")
     if config.selects and start < config.num_iters:
         # as Kaldi's train_diag_ubm.sh: once, with the model EM starts from (also on resume)
         t0 = time.time()
