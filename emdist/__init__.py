@@ -7,7 +7,7 @@ The Python API mirrors the CLI:
 >>> data = emdist.load_data_dir(emdist.digits_dir("train"))            # doctest: +SKIP
 >>> models = emdist.train(data, emdist.TrainConfig(), emdist.SerialBackend())  # doctest: +SKIP
 >>> emdist.load_models("exp/digits/final.mdl")["Z"].means.shape       # doctest: +SKIP
-(8, 39)
+(32, 39)
 
 Heavy modules load on first use, so ``import emdist`` stays cheap and never imports
 ``distributed``.

@@ -523,7 +523,7 @@ def load_models(path: str | os.PathLike) -> dict:
     --------
     >>> models = emdist.load_models("exp/digits/final.mdl")   # doctest: +SKIP
     >>> models["Z"].means.shape                                # doctest: +SKIP
-    (5, 39)
+    (32, 39)
     """
     path = Path(path)
     if _looks_kaldi(_head(path)):
