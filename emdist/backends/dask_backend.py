@@ -49,7 +49,10 @@ log = logging.getLogger("emdist")
 
 RETRIES = 2
 POLL_SECONDS = 1.0
-"""How often a waiting pass looks at the cluster (lost inputs, no workers)."""
+"""How often a waiting pass looks at the cluster (no workers, no scheduler)."""
+STALL_POLLS = 3
+"""Polls without a finished task after which a pass asks the scheduler whether its inputs
+were lost or its tasks are stuck (so that long healthy tasks cost no scheduler work)."""
 LOST_DATA_RETRIES = 3
 # A pass whose statistics (about the models' size per shard) stay below this keeps its
 # results until the next pass's tasks are sent (see _map_reduce).
@@ -441,6 +444,7 @@ class DaskBackend:
         index = {f.key: i for i, f in enumerate(futures)}
         pending = list(futures)
         alone_since = None
+        idle = 0  # polls in a row in which no task ended
         while pending:
             try:
                 wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
@@ -454,12 +458,14 @@ class DaskBackend:
                     still.append(fut)
                 elif fut.status == "finished" and on_done is not None:
                     on_done(index[fut.key])
+            idle = idle + 1 if len(still) == len(pending) else 0
             pending = still
             if not pending:
                 break
             alone_since = self._check_workers(alone_since)
-            if alone_since is not None:
+            if alone_since is not None or idle < STALL_POLLS:
                 continue
+            idle = 0  # the scheduler is asked at most every STALL_POLLS polls
             if self._lost_inputs():
                 raise JobsFailed([JobFailure(index[f.key], FutureCancelledError(
                     f.key, "lost its inputs with the workers that held them"), "")
