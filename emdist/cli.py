@@ -486,6 +486,118 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
     typer.echo(results.summary_line())
 
 
+@app.command("import")
+def import_(
+    kaldi_model: Annotated[Path, typer.Argument(help="Kaldi <DiagGMM> or <FullGMM> file, text "
+                                                "or binary.")],
+    out_model: Annotated[Path, typer.Argument(help="emdist model file to write.")],
+    label: Annotated[str, typer.Option(help="Label of the model in OUT_MODEL.")] = "global",
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Convert a Kaldi global GMM file (gmm-global-copy, fgmm-global-copy) to an emdist
+    model file holding one model labelled LABEL."""
+    _setup_logging(verbose, quiet)
+    _run(verbose, _import, kaldi_model, out_model, label)
+
+
+def _import(kaldi_model: Path, out_model: Path, label: str) -> None:
+    from emdist.errors import UserError
+    from emdist.io.kaldi import read_kaldi_model
+    from emdist.io.modelio import save_models
+
+    if not label or label != label.strip():
+        raise UserError(f"--label {label!r}: a label is a non-empty word")
+    gmm = read_kaldi_model(kaldi_model)
+    save_models(out_model, {label: gmm})
+    log.info("wrote %s (%s GMM, %d Gaussians, dimension %d, label %s)", out_model,
+             gmm.covariance_type, gmm.n_components, gmm.dim, label)
+
+
+def _kaldi_bool(value: str) -> bool:
+    low = value.lower()
+    if low in ("true", "t", "1", "yes", "y"):
+        return True
+    if low in ("false", "f", "0", "no", "n"):
+        return False
+    raise typer.BadParameter(f"{value!r} is not true or false", param_hint="--binary")
+
+
+class _KaldiBoolCommand(typer.core.TyperCommand):
+    """Kaldi's boolean options: a bare ``--binary`` means ``--binary=true``."""
+
+    kaldi_bools = ("--binary",)
+
+    def parse_args(self, ctx, args):
+        out, rest = [], list(args)
+        while rest:
+            arg = rest.pop(0)
+            if arg == "--":
+                out += [arg, *rest]
+                break
+            out.append(f"{arg}=true" if arg in self.kaldi_bools else arg)
+        return super().parse_args(ctx, out)
+
+
+@app.command("export", cls=_KaldiBoolCommand)
+def export(
+    model: Annotated[Path, typer.Argument(help="emdist model file of GMMs.")],
+    kaldi_out: Annotated[Path | None, typer.Argument(
+        help="Kaldi model file to write (not with --all).", show_default=False)] = None,
+    binary: Annotated[str, typer.Option(
+        "--binary", metavar="[=true|false]",
+        help="Write Kaldi's binary format (as Kaldi does by default); --binary=false writes "
+        "text.")] = "true",
+    label: Annotated[str | None, typer.Option(
+        help="The model to write, from a file of several word models.")] = None,
+    all_: Annotated[Path | None, typer.Option(
+        "--all", help="Write DIR/<label>.mdl for every model of MODEL.",
+        metavar="DIR")] = None,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write GMMs of an emdist model file as Kaldi model files (gmm-global-* and
+    fgmm-global-* read them)."""
+    _setup_logging(verbose, quiet)
+    as_binary = _kaldi_bool(binary)
+    if (kaldi_out is None) == (all_ is None):
+        raise typer.BadParameter("give KALDI_OUT or --all DIR (one of them)")
+    if all_ is not None and label is not None:
+        raise typer.BadParameter("--label picks one model; --all writes every model")
+    _run(verbose, _export, model, kaldi_out, as_binary, label, all_)
+
+
+def _export(model: Path, kaldi_out: Path | None, binary: bool, label: str | None,
+            all_dir: Path | None) -> None:
+    from emdist.errors import UserError
+    from emdist.io.kaldi import write_kaldi_model
+    from emdist.io.modelio import load_models
+
+    models = load_models(model)
+    kind = type(next(iter(models.values()))).kind
+    if kind != "gmm":
+        raise UserError(f"{model}: holds {kind} models; Kaldi model files hold GMMs")
+    if all_dir is not None:
+        for name in models:
+            if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+                raise UserError(f"{model}: label {name!r} cannot name a file in {all_dir}")
+        for name, gmm in sorted(models.items()):
+            write_kaldi_model(Path(all_dir) / f"{name}.mdl", gmm, binary=binary)
+        log.info("wrote %d Kaldi models to %s", len(models), all_dir)
+        return
+    if label is None:
+        if len(models) != 1:
+            shown = ", ".join(sorted(models)[:10]) + (", ..." if len(models) > 10 else "")
+            raise UserError(f"{model}: holds {len(models)} models ({shown}); pick one with "
+                            "--label L, or write them all with --all DIR")
+        label = next(iter(models))
+    if label not in models:
+        raise UserError(f"{model}: no model labelled {label!r} (labels: "
+                        f"{', '.join(sorted(models)[:10])})")
+    write_kaldi_model(kaldi_out, models[label], binary=binary)
+    log.info("wrote %s (label %s, %s)", kaldi_out, label, "binary" if binary else "text")
+
+
 def main() -> None:
     """Console entry point."""
     app()
