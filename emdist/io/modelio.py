@@ -721,3 +721,14 @@ def check_stats_fit(stats: Mapping, models: Mapping, path: str | os.PathLike) ->
         if got != need:
             raise UserError(f"{path}: statistics of {label!r} have shape {got} but its model "
                             f"has {need}; statistics of a different model")
+
+
+def _register_kaldi_readers() -> None:
+    """Kaldi's global GMM files (``gmm-global-copy``, ``fgmm-global-copy``; text or binary)
+    are read by :mod:`emdist.io.kaldi` (issue 11); Kaldi's accumulators not yet."""
+    from emdist.io.kaldi import read_kaldi_models
+
+    FOREIGN_READERS.setdefault("kaldi-model", read_kaldi_models)
+
+
+_register_kaldi_readers()
