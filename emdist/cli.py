@@ -466,7 +466,7 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
                         f"{type(next(iter(models.values()))).kind} models")
     ubm = set(models) == {GLOBAL_LABEL}
     data = load_data_dir(data_dir or _default_data("test"), require_labels=not ubm)
-    check_models_fit(models, data, Path(exp_dir) / model)
+    check_models_fit(models, data, Path(exp_dir) / model)  # before any worker starts
     backend = _backend(*backend_args)
     try:
         if ubm:

@@ -16,7 +16,7 @@ import numpy as np
 from emdist.backends.base import Backend, JobsFailed
 from emdist.data.datadir import DataDir, split_by_frames
 from emdist.errors import RuntimeFailure, UserError
-from emdist.io.modelio import atomic_write_text
+from emdist.io.modelio import atomic_write_text, check_models_fit
 from emdist.models.estep import EStepOptions
 from emdist.tasks import GLOBAL_LABEL, Shard, score_shard
 
@@ -63,12 +63,9 @@ def score(
 ) -> dict[str, dict[str, float]]:
     """Total score of every utterance under every model: ``{utt: {label: score}}``: the
     log-likelihood (an HMM's forward total, or its best path with ``best_path``), or minus
-    the distortion for k-means codebooks."""
-    dims = {m.dim for m in models.values()}
-    if dims != {data.dim}:
-        raise UserError(
-            f"{data.path}: features have dimension {data.dim} but the models have {sorted(dims)}"
-        )
+    the distortion for k-means codebooks. The models must fit the data
+    (:func:`emdist.io.modelio.check_models_fit`)."""
+    check_models_fit(models, data)
     shards = [Shard(i, part, tuple(GLOBAL_LABEL for _ in part))
               for i, part in enumerate(split_by_frames(data.utts, nj))]
     try:
@@ -99,12 +96,6 @@ def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
     with its ``text`` label."""
     if not data.has_text:
         raise UserError(f"{data.path}: no text file; scoring needs reference labels")
-    unknown = sorted({u.label for u in data.utts} - set(models))
-    if unknown:
-        raise UserError(
-            f"{data.path}/text: label {unknown[0]!r} has no model (models: "
-            f"{', '.join(sorted(models))})"
-        )
     scores = score(models, data, backend, nj, options, best_path)
     labels = sorted(models)
     index = {lab: i for i, lab in enumerate(labels)}

@@ -544,20 +544,22 @@ def load_models(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: corrupt model file ({_why(exc)})") from None
 
 
-def check_models_fit(models: Mapping, data, path: str | os.PathLike) -> None:
-    """Models read from ``path`` meet a data dir (``emdist test``, a resumed ``emdist
-    train``): their dimension must be the features' and, for word models, every label of
-    the data's ``text`` needs a model. UserError naming the model file otherwise."""
+def check_models_fit(models: Mapping, data, path: str | os.PathLike | None = None) -> None:
+    """Models (read from ``path``, when they come from a file) meet a data dir (``emdist
+    test``, a resumed ``emdist train``, the recognizer): their dimension must be the
+    features' and, for word models, every label of the data's ``text`` needs a model.
+    UserError naming the model file otherwise."""
+    where = f"{path}: " if path is not None else ""
     dims = sorted({m.dim for m in models.values()})
     if dims != [data.dim]:
         shown = dims[0] if len(dims) == 1 else dims
-        raise UserError(f"{path}: the models have dimension {shown} but the features of "
+        raise UserError(f"{where}the models have dimension {shown} but the features of "
                         f"{data.path} have dimension {data.dim}; use models trained on "
                         "features like these")
     if set(models) != {"global"} and getattr(data, "has_text", False):
         unknown = sorted(set(data.labels) - set(models))
         if unknown:
-            raise UserError(f"{path}: no model for label {unknown[0]!r} of {data.path}/text "
+            raise UserError(f"{where}no model for label {unknown[0]!r} of {data.path}/text "
                             f"(models: {', '.join(map(repr, sorted(models)))})")
 
 
