@@ -60,7 +60,10 @@ class Shard:
 
     def read(self, utt: Utterance) -> np.ndarray:
         """An utterance's features, every ``subsample``-th frame from the first."""
-        feats = read_utterance(utt)
+        return self.subsampled(read_utterance(utt))
+
+    def subsampled(self, feats: np.ndarray) -> np.ndarray:
+        """Every ``subsample``-th frame of an utterance's features, from the first."""
         return feats if self.subsample == 1 else np.ascontiguousarray(feats[:: self.subsample])
 
 
@@ -209,9 +212,7 @@ def _read_checked(shard: Shard) -> Iterator[tuple[Utterance, str, np.ndarray | N
         if problem is not None:
             yield utt, key, None, BadUtterance(utt.utt_id, utt.rxfilename, problem)
             continue
-        if shard.subsample > 1:
-            feats = np.ascontiguousarray(feats[:: shard.subsample])
-        yield utt, key, feats, None
+        yield utt, key, shard.subsampled(feats), None
 
 
 def without(shard: Shard, bad: Iterable[str]) -> Shard:

@@ -39,7 +39,6 @@ from emdist.models.kernel import natural_parameters
 from emdist.models.kind import FILE_FORMATS, kind_of_format, kind_of_models, stats_type_named
 from emdist.models.stats import GmmStats
 
-MODEL_FORMAT = "emdist-gmm"
 STATS_FORMAT = "emdist-stats"
 FORMAT_VERSION = 1
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
