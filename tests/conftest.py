@@ -40,3 +40,18 @@ def restore_logging():
     for lg, handlers, level, propagate in saved:
         lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
     logging.captureWarnings(False)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Subprocesses started by a test, each in its own session, ended with the test
+    (:class:`helpers.Processes`)."""
+    from helpers import Processes
+
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    ps = Processes(logdir)
+    try:
+        yield ps
+    finally:
+        ps.close()

@@ -11,7 +11,10 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,3 +164,62 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Processes:
+    """Subprocesses in their own sessions; close() ends each whole group."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+        self.extra_pgids: list[int] = []
+
+    def start(self, cmd, name: str, env=None, cwd=None) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 (closed by the OS)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+        )
+        log.close()
+        proc.name = name
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.logdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{self.log(p.name)[-3000:]}" for p in self.procs)
+
+    def close(self) -> None:
+        pgids = [p.pid for p in self.procs] + self.extra_pgids
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = []
+            for pgid in pgids:
+                try:
+                    os.killpg(pgid, sig)
+                    alive.append(pgid)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            for p in self.procs:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            while alive and time.monotonic() < deadline:
+                alive = [g for g in alive if group_alive(g)]
+                time.sleep(0.1)
+            if not alive:
+                break
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

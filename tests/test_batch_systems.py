@@ -33,7 +33,6 @@ from test_cluster_configs import (
     SBATCH,
     TEMPLATE_VENV,
     VENV,
-    Processes,
     base_env,
     wait_for_scheduler_file,
 )
@@ -105,18 +104,6 @@ def require(system: str) -> None:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def procs(tmp_path):
-    """Processes started by the test, each in its own session, ended with the test."""
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
-    ps = Processes(logdir)
-    try:
-        yield ps
-    finally:
-        ps.close()
 
 
 def _emdist(*args, timeout=120, **kw) -> subprocess.CompletedProcess:

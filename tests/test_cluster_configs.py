@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import Processes, group_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -42,76 +43,6 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="open
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Processes:
-    """Subprocesses in their own sessions; close() ends each whole group."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-        self.extra_pgids: list[int] = []
-
-    def start(self, cmd, name: str, env=None, cwd=None) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 (closed by the OS)
-        proc = subprocess.Popen(
-            [str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
-        )
-        log.close()
-        proc.name = name
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.logdir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{self.log(p.name)[-3000:]}" for p in self.procs)
-
-    def close(self) -> None:
-        pgids = [p.pid for p in self.procs] + self.extra_pgids
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = []
-            for pgid in pgids:
-                try:
-                    os.killpg(pgid, sig)
-                    alive.append(pgid)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 10
-            for p in self.procs:
-                try:
-                    p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            while alive and time.monotonic() < deadline:
-                alive = [g for g in alive if _group_alive(g)]
-                time.sleep(0.1)
-            if not alive:
-                break
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-@pytest.fixture
-def procs(tmp_path):
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
-    ps = Processes(logdir)
-    try:
-        yield ps
-    finally:
-        ps.close()
 
 
 def wait_for_scheduler_file(path: Path, ps: Processes, proc=None, timeout: float = 20) -> str:
@@ -559,9 +490,9 @@ def test_start_jobqueue_runs_workers_from_rendered_job_script(tmp_path, procs, s
     assert "stopping: cancelling jobs" in procs.log("launcher")
     assert not sched_file.exists()  # removed with the scheduler
     deadline = time.monotonic() + 10
-    while _group_alive(procs.extra_pgids[0]) and time.monotonic() < deadline:
+    while group_alive(procs.extra_pgids[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _group_alive(procs.extra_pgids[0]), "job not cancelled"
+    assert not group_alive(procs.extra_pgids[0]), "job not cancelled"
 
 
 @pytest.mark.timeout(60)
