@@ -223,3 +223,19 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def kill_driver_after(train_args: Sequence, exp: Path, model: str = "3.mdl",
+                      timeout: float = 120) -> None:
+    """Start ``emdist train *train_args`` (writing ``exp``) in its own session and SIGKILL
+    it, driver and all, as soon as ``exp/model`` exists; fails if the run got to its end
+    first."""
+    proc = subprocess.Popen([*emdist_command(), *map(str, train_args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (exp / model).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert (exp / model).exists() and not (exp / "final.mdl").exists(), "kill came too late"

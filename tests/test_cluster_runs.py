@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import digits_subset
+from helpers import digits_subset, kill_driver_after
 
 from emdist.backends.dask_backend import DaskBackend
 from emdist.backends.serial import SerialBackend
@@ -245,15 +245,7 @@ def test_driver_killed_then_rerun_resumes_to_the_same_bytes(tmp_path):
     whole = _emdist("train", data, tmp_path / "whole", *opts)
     assert whole.returncode == 0, whole.stderr
     exp = tmp_path / "killed"
-    proc = subprocess.Popen([EMDIST, "train", str(data), str(exp), *opts],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (exp / "3.mdl").exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    assert (exp / "3.mdl").exists() and not (exp / "final.mdl").exists(), "kill came too late"
+    kill_driver_after(["train", data, exp, *opts], exp)
     resumed = _emdist("train", data, exp, *opts[:-1])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr

@@ -34,7 +34,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
@@ -43,7 +42,7 @@ from pathlib import Path
 import kaldiio
 import numpy as np
 import pytest
-from helpers import copy_exp, digits_subset, emdist_command, model_bytes
+from helpers import copy_exp, digits_subset, emdist_command, kill_driver_after, model_bytes
 from typer.testing import CliRunner
 
 import emdist
@@ -361,15 +360,7 @@ def test_driver_killed_during_hmm_training_resumes_to_the_same_bytes(train_dir, 
     whole = _emdist("train", train_dir, tmp_path / "whole", *opts)
     assert whole.returncode == 0, whole.stderr
     exp = tmp_path / "killed"
-    proc = subprocess.Popen([*emdist_command(), "train", str(train_dir), str(exp), *opts],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (exp / "3.mdl").exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    assert (exp / "3.mdl").exists() and not (exp / "final.mdl").exists(), "kill came too late"
+    kill_driver_after(["train", train_dir, exp, *opts], exp, timeout=60)
     resumed = _emdist("train", train_dir, exp, *opts[:-1])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
