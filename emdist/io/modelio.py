@@ -300,31 +300,9 @@ def _check_header(meta: dict, fmt: str) -> None:
                          "not 'diag' or 'full'")
 
 
-def _expected_arrays(meta: dict, fmt: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Array name -> (label, shape) as the header describes them."""
-    dim, full = meta["dim"], meta.get("covariance_type") == "full"
-    out = {}
-
-    def gaussians(prefix: str, label: str, k: int) -> None:
-        out[f"{prefix}weights"] = (label, (k,))
-        out[f"{prefix}means"] = (label, (k, dim))
-        out[f"{prefix}covariances"] = (label, (k, dim, dim) if full else (k, dim))
-
-    for i, (label, k) in enumerate(zip(meta["labels"], meta["n_components"], strict=True)):
-        if fmt == "emdist-gmm":
-            gaussians(f"{i}.", label, k)
-        elif fmt == "emdist-vq":
-            out[f"{i}.centres"] = (label, (k, dim))
-        else:
-            out[f"{i}.transitions"] = (label, (len(k), len(k) + 1))
-            for s, ks in enumerate(k):
-                gaussians(f"{i}.{s}.", label, ks)
-    return out
-
-
 def _check_layout(meta: dict, arrays: Mapping[str, np.ndarray], fmt: str) -> None:
     """Every array the header describes is there, of its shape, and no other."""
-    expected = _expected_arrays(meta, fmt)
+    expected = kind_of_format(fmt).file_layout(meta)
     for name, (label, shape) in expected.items():
         if name not in arrays:
             raise ValueError(f"model {label!r}: array {name} is missing")

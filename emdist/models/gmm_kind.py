@@ -110,6 +110,14 @@ class GmmKind:
             arrays[f"{i}.covariances"] = gmm.covariances
         return meta, arrays
 
+    def file_layout(self, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The arrays a file with this (checked) header holds: name -> (label, shape)."""
+        full = meta["covariance_type"] == "full"
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for i, (label, k) in enumerate(zip(meta["labels"], meta["n_components"], strict=True)):
+            out.update(gaussian_arrays(f"{i}.", label, k, meta["dim"], full))
+        return out
+
     def from_file(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> dict[str, GMM]:
         return {
             label: GMM(arrays[f"{i}.weights"], arrays[f"{i}.means"],
@@ -119,6 +127,14 @@ class GmmKind:
 
 
 KIND = GmmKind()
+
+
+def gaussian_arrays(prefix: str, label: str, k: int, dim: int,
+                    full: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The arrays of K Gaussians in a model file (``<prefix>weights``, ``means``,
+    ``covariances``): name -> (label, shape)."""
+    return {f"{prefix}weights": (label, (k,)), f"{prefix}means": (label, (k, dim)),
+            f"{prefix}covariances": (label, (k, dim, dim) if full else (k, dim))}
 
 
 # -- initialisation passes ----------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdist.models.gmm import GMM
+from emdist.models.gmm_kind import gaussian_arrays
 from emdist.models.hmm import (
     DEFAULT_BATCH_FRAMES,
     HMM,
@@ -172,6 +173,17 @@ class HmmKind:
                 arrays[f"{i}.{s}.means"] = gmm.means
                 arrays[f"{i}.{s}.covariances"] = gmm.covariances
         return meta, arrays
+
+    def file_layout(self, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The arrays a file with this (checked) header holds: name -> (label, shape)."""
+        full = meta["covariance_type"] == "full"
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for i, (label, sizes) in enumerate(zip(meta["labels"], meta["n_components"],
+                                               strict=True)):
+            out[f"{i}.transitions"] = (label, (len(sizes), len(sizes) + 1))
+            for s, k in enumerate(sizes):
+                out.update(gaussian_arrays(f"{i}.{s}.", label, k, meta["dim"], full))
+        return out
 
     def from_file(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> dict[str, HMM]:
         out = {}

@@ -11,6 +11,7 @@ says how, for its model type::
     scores  = kind.score(models, utterances, options)          # recognition
     models  = kind.initialize(passes, labels, config)          # its initialisation passes
     meta, arrays = kind.to_file(models); kind.from_file(...)   # its model file
+    kind.file_layout(meta)                                     # the arrays it must hold
 
 Kinds registered here: ``gmm`` (:mod:`emdist.models.gmm_kind`, the default), ``hmm``
 (left-to-right GMM-HMM word models by Baum-Welch, :mod:`emdist.models.hmm_kind`) and
@@ -105,6 +106,8 @@ class ModelKind(Protocol):
     def initialize(self, passes: Passes, labels: list[str]) -> dict[str, Any]: ...
 
     def to_file(self, models: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]: ...
+
+    def file_layout(self, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]: ...
 
     def from_file(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]: ...
 

@@ -150,6 +150,12 @@ class VqKind:
                 "n_components": [models[lab].n_components for lab in labels]}
         return meta, {f"{i}.centres": models[lab].centres for i, lab in enumerate(labels)}
 
+    def file_layout(self, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The arrays a file with this (checked) header holds: name -> (label, shape)."""
+        return {f"{i}.centres": (label, (k, meta["dim"]))
+                for i, (label, k) in enumerate(zip(meta["labels"], meta["n_components"],
+                                                   strict=True))}
+
     def from_file(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> dict[str, Codebook]:
         return {lab: Codebook(arrays[f"{i}.centres"]) for i, lab in enumerate(meta["labels"])}
 
