@@ -29,6 +29,10 @@ from emdist.io.expdir import ExpDir
 from emdist.models.gmm import GMM
 
 LABELS = ("a", "b", "c")
+
+KALDI_MODELS = Path(__file__).resolve().parent / "data" / "kaldi-models"
+"""Golden files written by Kaldi's own binaries (a copy of ``shared/data/kaldi-models``,
+with its README saying which binary wrote each file)."""
 DIM = 4
 SUMMARY_RE = re.compile(r"^%ERR \d+\.\d\d \[ \d+ / \d+ \]$")
 

@@ -12,10 +12,10 @@ import functools
 import gc
 import itertools
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import KALDI_MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kaldi_text import read_gmm
@@ -33,7 +33,6 @@ from emdist.models.mstep import MStepOptions, m_step
 from emdist.models.stats import GmmStats
 
 COV_TYPES = ("diag", "full")
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
@@ -171,9 +170,7 @@ def test_log_likelihood_far_from_every_component_stays_finite():
 )
 def test_gconsts_match_kaldi(name, cov_type):
     """The kernel's per-component constants are Kaldi's ``<GCONSTS>`` (float32 file)."""
-    path = SHARED / "data" / "kaldi-models" / f"{name}.kaldi.txt"
-    if not path.is_file():
-        pytest.skip(f"golden Kaldi files not found at {path.parent}")
+    path = KALDI_MODELS / f"{name}.kaldi.txt"
     kaldi = read_gmm(path)
     gmm = GMM(kaldi.weights, kaldi.means, kaldi.covariances, cov_type)
     # Kaldi computes gconsts from float32 parameters and prints 7 digits (measured: 2.4e-7).

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import KALDI_MODELS
 from kaldi_text import read_gmm
 
 from emdist.models.gmm import GMM
 from emdist.models.initialize import kmeans_plus_plus, label_rng, split
-
-KALDI_MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaldi-models"
 
 
 def _clusters(rng, k=8, dim=39, n=40_000):
@@ -87,8 +84,6 @@ def test_split_of_full_covariance_copies_the_matrix():
 
 def test_split_matches_kaldi_mix_up():
     """``gmm-global-est --mix-up=12 --perturb-factor=0`` after the default update."""
-    if not KALDI_MODELS.is_dir():
-        pytest.skip("shared/data/kaldi-models is not beside the repository")
     est = read_gmm(KALDI_MODELS / "est.default.kaldi.txt")
     kaldi = read_gmm(KALDI_MODELS / "est.mixup12.kaldi.txt")
     gmm = GMM(est.weights / est.weights.sum(), est.means, est.covariances, "diag")

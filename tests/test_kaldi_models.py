@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import KALDI_MODELS
 from typer.testing import CliRunner
 
 from emdist.cli import app
@@ -17,7 +18,6 @@ from emdist.io.kaldi import kaldi_model_bytes, read_kaldi_model, write_kaldi_mod
 from emdist.io.modelio import load_models, save_models
 from emdist.models.gmm import GMM
 
-KALDI_MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaldi-models"
 NAMES = ("diag_small", "diag_digits_k8", "full_small", "full_digits_k4")
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 
 @pytest.fixture(scope="module")
 def golden() -> Path:
-    if not KALDI_MODELS.is_dir():
-        pytest.skip(f"golden Kaldi files not found at {KALDI_MODELS}")
     return KALDI_MODELS
 
 

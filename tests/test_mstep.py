@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import KALDI_MODELS
 from kaldi_text import read_accs, read_gmm
 
 from emdist.errors import UserError
@@ -21,7 +22,6 @@ from emdist.models.gmm import GMM
 from emdist.models.mstep import MStepOptions, m_step
 from emdist.models.stats import GmmStats
 
-KALDI_MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaldi-models"
 KALDI = MStepOptions()  # Kaldi's defaults: gmm-global-est / fgmm-global-est
 
 
@@ -235,8 +235,6 @@ def test_default_min_occupancy(cov_type, threshold):
 
 @pytest.fixture(scope="module")
 def golden() -> Path:
-    if not KALDI_MODELS.is_dir():
-        pytest.skip(f"golden Kaldi files not found at {KALDI_MODELS}")
     return KALDI_MODELS
 
 
