@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from helpers import KALDI_MODELS
 from kaldi_text import read_gmm
 
