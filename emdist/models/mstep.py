@@ -7,6 +7,10 @@ last one) or keeps its old mean and covariance with weight ``max(prob, min_gauss
 Diagonal variances get an absolute floor (``min_variance``); full covariances an eigenvalue
 floor ``max(variance_floor, λ_max / max_condition)``.
 
+``update_flags`` are Kaldi's ``--update-flags``: a subset of ``m`` (means), ``v``
+(variances) and ``w`` (weights); what is not in them keeps the previous model's value, and
+variances updated without means are centred on the previous means (``MleDiagGmmUpdate``).
+
 ``style="sklearn"`` is ``GaussianMixture._m_step``: occupancies get ``10·eps``, every
 component is updated, ``reg_covar`` is added to the diagonal, nothing is floored or removed.
 
@@ -44,6 +48,10 @@ class MStepOptions:
     remove_low_count_gaussians : bool
     reg_covar : float
         Added to the diagonal of each covariance in the sklearn style.
+    update_flags : str
+        Kaldi's ``--update-flags``: which of means (``m``), variances (``v``) and weights
+        (``w``) to update; ``a`` is all, ``t`` (transitions) is accepted and means nothing
+        for a GMM. Kept in canonical order, ``"mvw"`` by default.
     """
 
     style: str = "kaldi"
@@ -54,15 +62,46 @@ class MStepOptions:
     min_gaussian_weight: float = 1e-5
     remove_low_count_gaussians: bool = True
     reg_covar: float = 1e-6
+    update_flags: str = "mvw"
 
     def __post_init__(self) -> None:
         if self.style not in ("kaldi", "sklearn"):
             raise UserError(f"unknown M-step style {self.style!r}; use 'kaldi' or 'sklearn'")
+        object.__setattr__(self, "update_flags", gmm_flags(self.update_flags))
+        if self.style == "sklearn" and self.update_flags != "mvw":
+            raise UserError("--update-flags needs the Kaldi M-step style")
 
     def min_occupancy(self, covariance_type: str) -> float:
         if self.min_gaussian_occupancy is not None:
             return self.min_gaussian_occupancy
         return 10.0 if covariance_type == "diag" else 100.0
+
+
+GMM_FLAGS = "mvw"
+
+
+def gmm_flags(text: str) -> str:
+    """Kaldi's ``StringToGmmFlags`` as canonical letters: ``"wm"`` -> ``"mw"``, ``"a"`` ->
+    ``"mvw"``; ``t`` (transitions) is accepted and dropped. Anything else is a UserError."""
+    letters = set()
+    for c in text:
+        if c == "a":
+            letters.update(GMM_FLAGS)
+        elif c in GMM_FLAGS:
+            letters.add(c)
+        elif c != "t":
+            raise UserError(f"--update-flags {text!r}: invalid letter {c!r}; use a subset of "
+                            "m (means), v (variances), w (weights), or a (all)")
+    return "".join(c for c in GMM_FLAGS if c in letters)
+
+
+def augment_flags(text: str) -> str:
+    """Kaldi's ``AugmentGmmFlags`` on :func:`gmm_flags`: variances need means, means need
+    weights, and weights are always accumulated."""
+    flags = set(gmm_flags(text)) | {"w"}
+    if "v" in flags:
+        flags.add("m")
+    return "".join(c for c in GMM_FLAGS if c in flags)
 
 
 @dataclass(frozen=True)
@@ -130,11 +169,20 @@ def _sklearn_update(stats: GmmStats, options: MStepOptions) -> tuple[GMM, Update
     return model, UpdateReport(stats.n_components, stats.n_components)
 
 
-def _covariances(stats: GmmStats, occ: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """``second / occ - μ μᵀ`` (diag: ``second / occ - μ²``)."""
+def _covariances(stats: GmmStats, occ: np.ndarray, means: np.ndarray,
+                 about: np.ndarray | None = None) -> np.ndarray:
+    """``second / occ - μ μᵀ`` (diag: ``second / occ - μ²``) with ``μ = means``, the
+    statistics' own means; centred on other means ``about`` instead (Kaldi's variance-only
+    update), plus ``(about - μ)(about - μ)ᵀ``."""
     if stats.covariance_type == "diag":
-        return stats.second / occ[:, None] - means * means
+        cov = stats.second / occ[:, None] - means * means
+        if about is not None:
+            cov += (about - means) ** 2
+        return cov
     cov = stats.second / occ[:, None, None] - means[:, :, None] * means[:, None, :]
+    if about is not None:
+        diff = about - means
+        cov += diff[:, :, None] * diff[:, None, :]
     return 0.5 * (cov + cov.transpose(0, 2, 1))
 
 
@@ -150,17 +198,33 @@ def _kaldi_update(
     )
     safe_occ = np.where(ok, occ, 1.0)
     means = stats.first / safe_occ[:, None]
-    cov = _covariances(stats, safe_occ, means)
+    flags = options.update_flags
+    if flags != GMM_FLAGS and previous is None:
+        raise UserError(f"--update-flags {flags}: updating only part of a model needs the "
+                        "model the statistics came from")
+    if "m" in flags:
+        cov = _covariances(stats, safe_occ, means)
+    else:  # variances about the old means, which stay
+        cov = _covariances(stats, safe_occ, means, about=previous.means)
+        means = previous.means.copy()
     floored_elements, floored_gauss = _apply_floor(cov, ok, stats.covariance_type, options)
     weights = prob.copy()
+    if "v" not in flags:
+        cov[ok] = previous.covariances[ok]
+        floored_elements, floored_gauss = 0, 0
+    if "w" not in flags:
+        weights = previous.weights.copy()
     starved = np.flatnonzero(~ok)
     removed, kept = _starved_fate(starved, k, options, previous)
     for c in kept:  # a handful of starved components, not a per-Gaussian hot path
         means[c] = previous.means[c]
         cov[c] = previous.covariances[c]
-        weights[c] = max(prob[c], options.min_gaussian_weight)
+        if "w" in flags:
+            weights[c] = max(prob[c], options.min_gaussian_weight)
     keep = np.setdiff1d(np.arange(k), removed)
-    weights = weights[keep] / weights[keep].sum()
+    if removed or "w" in flags:
+        # weights not updated stay as they were, unless a removal renormalises them (Kaldi)
+        weights = weights[keep] / weights[keep].sum()
     model = GMM(weights, means[keep], cov[keep], stats.covariance_type)
     report = UpdateReport(
         k, len(keep), floored_elements, floored_gauss, [int(c) for c in removed],
