@@ -18,6 +18,20 @@ is allocated larger than the file can hold.
 
 To let :func:`emdist.io.modelio.load_models` read Kaldi models, register
 :func:`read_kaldi_models` as ``FOREIGN_READERS["kaldi-model"]``.
+
+Kaldi's accumulators (``gmm-global-acc-stats``, ``fgmm-global-acc-stats``, ``*-sum-accs``)
+both directions too: :func:`read_kaldi_accs` / :func:`write_kaldi_accs` (and
+:func:`read_kaldi_stats`, the ``FOREIGN_READERS["kaldi-stats"]`` reader behind
+:func:`emdist.io.modelio.load_stats`)::
+
+    <GMMACCS> <VECSIZE> D <NUMCOMPONENTS> K <FLAGS> f <OCCUPANCY> vec <MEANACCS> K×D
+              <DIAGVARACCS> K×D </GMMACCS>                      (AccumDiagGmm)
+    <GMMACCS> ... <MEANACCS> K×D [<FULLVARACCS> K packed] </GMMACCS>  (AccumFullGmm)
+
+Both start with ``<GMMACCS>`` (Kaldi has no ``<FULLGMMACCS>`` token) and write the flags
+as a ``uint16`` (binary ``\\xFE`` + 2 bytes); the variance token tells diag from full.
+Values are float32 (Kaldi sums in double, writes float); full second-order sums are stored
+centred. :func:`kaldi_file_kind` tells a Kaldi model from Kaldi accumulators.
 """
 
 from __future__ import annotations
@@ -25,12 +39,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from emdist.errors import UserError
 from emdist.models.gmm import GMM
+from emdist.models.stats import GmmStats
 
 GLOBAL_LABEL = "global"
 _BINARY_HEADER = b"\0B"
@@ -44,6 +60,7 @@ _BEGIN = {b"<DiagGMM>": "diag", b"<DiagGMMBegin>": "diag",
           b"<FullGMM>": "full", b"<FullGMMBegin>": "full"}
 _END = {"diag": (b"</DiagGMM>", b"<DiagGMMEnd>"), "full": (b"</FullGMM>", b"<FullGMMEnd>")}
 _NAMES = {"diag": ("<MEANS_INVVARS>", "<INV_VARS>"), "full": ("<MEANS_INVCOVARS>", "<INV_COVARS>")}
+_ACCS_BEGIN = b"<GMMACCS>"  # AccumDiagGmm and AccumFullGmm alike
 
 
 def _show(raw: bytes, limit: int = 24) -> str:
@@ -56,15 +73,18 @@ class _Reader:
     """Kaldi's ``ReadToken`` and ``Vector``/``Matrix``/``SpMatrix`` ``Read``, text or binary,
     over the bytes of one file; every failure is a UserError naming the file and offset."""
 
-    def __init__(self, path: Path, data: bytes) -> None:
+    def __init__(self, path: Path, data: bytes, what: str = "GMM file",
+                 keep_double: bool = False) -> None:
         self.path, self.data = path, data
+        self.what = what  # for messages: "GMM file", "accumulator file"
+        self.keep_double = keep_double  # DV/DM/DP stay float64 (Kaldi's double accumulators)
         self.binary = data.startswith(_BINARY_HEADER)
         self.pos = 2 if self.binary else 0
 
     def fail(self, message: str, pos: int | None = None):
         where = self.pos if pos is None else pos
         kind = "binary" if self.binary else "text"
-        raise UserError(f"{self.path}: not a valid Kaldi {kind} GMM file: {message} "
+        raise UserError(f"{self.path}: not a valid Kaldi {kind} {self.what}: {message} "
                         f"(at byte {where})")
 
     def skip_space(self) -> None:
@@ -111,8 +131,7 @@ class _Reader:
     def binary_values(self, kinds: tuple[bytes, bytes], shape_of) -> np.ndarray:
         """``F<x>``/``D<x>`` token, sizes (``shape_of`` reads them), then the raw values."""
         start = self.pos
-        if self.peek() in _WHITESPACE:
-            self.skip_space()
+        self.skip_space()  # (peek() is -1 at the end, which ``in bytes`` refuses)
         got = self.token()
         if got not in kinds:
             self.fail(f"expected {kinds[0].decode()} or {kinds[1].decode()}, got {_show(got)}",
@@ -125,7 +144,29 @@ class _Reader:
                       f"{len(self.data) - self.pos} left", start)
         values = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.pos)
         self.pos += nbytes
-        return values.astype(np.float32).reshape(shape)
+        out = np.float64 if self.keep_double and dtype.itemsize == 8 else np.float32
+        return values.astype(out).reshape(shape)
+
+    def basic_int(self, size: int, what: str) -> int:
+        """Kaldi's ``ReadBasicType`` of an integer: ``int32`` (``size`` 4) or ``uint16``
+        (``size`` -2: unsigned, written with size byte ``\\xFE``); text: a decimal token."""
+        start = self.pos
+        nbytes, signed = abs(size), size > 0
+        low, high = (-(1 << (8 * nbytes - 1)), (1 << (8 * nbytes - 1)) - 1) if signed else \
+            (0, (1 << (8 * nbytes)) - 1)
+        if self.binary:
+            raw = self.data[start:start + 1 + nbytes]
+            if len(raw) < 1 + nbytes:
+                self.fail(f"unexpected end of file in {what}", start)
+            if raw[0] != size & 0xFF:
+                self.fail(f"{what}: expected size byte {size & 0xFF} ({size}), got {raw[0]}",
+                          start)
+            self.pos += 1 + nbytes
+            return int.from_bytes(raw[1:], "little", signed=signed)
+        got = self.token()
+        if not re.fullmatch(rb"[-+]?\d{1,20}", got) or not low <= int(got) <= high:
+            self.fail(f"{what}: expected an integer in [{low}, {high}], got {_show(got)}", start)
+        return int(got)
 
     # -- text ------------------------------------------------------------------------------
     def text_number(self, row_ends: bytes) -> float:
@@ -285,6 +326,8 @@ def _parse(path: Path, data: bytes) -> tuple[str, np.ndarray, np.ndarray, np.nda
     cov_type = _BEGIN.get(first)
     if cov_type is None:
         other = " (a Kaldi object, but not a global GMM)" if first.startswith(b"<") else ""
+        if first == _ACCS_BEGIN:
+            other = " (Kaldi accumulators, gmm-global-acc-stats output, not a model)"
         r.fail(f"expected <DiagGMM> or <FullGMM>, got {_show(first)}{other}", start)
     start = r.pos
     token = r.token()
@@ -554,3 +597,326 @@ def write_kaldi_model(path: str | os.PathLike, gmm: GMM, binary: bool = True) ->
     if not isinstance(gmm, GMM):
         raise UserError(f"{path}: Kaldi model files hold GMMs, not {type(gmm).__name__}")
     atomic_write_bytes(path, kaldi_model_bytes(gmm, binary))
+
+
+# -- accumulators: AccumDiagGmm and AccumFullGmm ------------------------------------------
+
+_FLAG_BITS = {"m": 1, "v": 2, "w": 4, "t": 8}  # kGmmMeans, kGmmVariances, kGmmWeights, ...
+_FLAGS_ALL = 15  # kGmmAll, the letter "a"
+_ACCS_TOKENS = (b"<OCCUPANCY>", b"<MEANACCS>", b"<DIAGVARACCS>", b"<FULLVARACCS>")
+_WHITESPACE_END = tuple(bytes([c]) for c in _WHITESPACE)
+_MAX_ZERO_VALUES = 1 << 25
+"""The most values of zero statistics made up for orders a file does not hold (flags
+without ``m`` or ``v``): their size is only a header number, not bytes of the file."""
+
+
+@dataclass(frozen=True)
+class KaldiAccs:
+    """A Kaldi accumulator file (``gmm-global-acc-stats``, ``fgmm-global-acc-stats``, their
+    ``-sum-accs``) as emdist statistics.
+
+    ``stats`` holds the occupancies, Σγx and the uncentred Σγx² (diag) or Σγxxᵀ (full) in
+    float64; orders the flags leave out (no ``m`` or no ``v``) are zeros of the right
+    shape. Kaldi's accumulators carry no log-likelihood and no frame count: ``loglike`` is
+    0.0 and ``frames`` is the occupancy sum rounded to an integer (the frame count when
+    every frame has posterior mass one). ``flags`` are Kaldi's letters in Kaldi's order
+    (``GmmFlagsToString``: m, v, w, t), e.g. ``"mvw"``.
+    """
+
+    stats: GmmStats
+    flags: str
+
+
+def _augment_flags(bits: int) -> int:
+    """Kaldi's ``AugmentGmmFlags``: v implies m, m implies w."""
+    if bits & 2:
+        bits |= 1
+    if bits & 1:
+        bits |= 4
+    return bits
+
+
+def kaldi_flags_bits(flags: str) -> int:
+    """Kaldi's ``StringToGmmFlags`` then ``AugmentGmmFlags``: letters m, v, w, t, a in any
+    order (``"mvw"`` is 7; ``"v"`` becomes 7 too). Raises UserError for other letters and
+    for flags without weights (``""``, ``"t"``), which Kaldi refuses."""
+    bits = 0
+    for c in flags:
+        if c == "a":
+            bits |= _FLAGS_ALL
+        elif c in _FLAG_BITS:
+            bits |= _FLAG_BITS[c]
+        else:
+            raise UserError(f"invalid Kaldi GMM flags {flags!r}: {c!r} is none of m, v, w, t, a")
+    bits = _augment_flags(bits)
+    if not bits & 4:
+        raise UserError(f"invalid Kaldi GMM flags {flags!r}: accumulators need at least 'w'")
+    return bits
+
+
+def kaldi_flags_string(bits: int) -> str:
+    """Kaldi's ``GmmFlagsToString``: ``7`` is ``"mvw"``."""
+    return "".join(c for c, b in _FLAG_BITS.items() if bits & b)
+
+
+def kaldi_file_kind(path: str | os.PathLike) -> str | None:
+    """``"model"`` for a Kaldi ``<DiagGMM>``/``<FullGMM>`` file, ``"accs"`` for Kaldi
+    accumulators (``<GMMACCS>``, diag or full), None for anything else (e.g. an emdist
+    file), by the first token, text or binary. A missing or unreadable file is a UserError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a model or statistics file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    body = head[2:] if head.startswith(_BINARY_HEADER) else head
+    words = body.split(None, 1)
+    first = words[0] if words else b""
+    if first in _BEGIN:
+        return "model"
+    if first == _ACCS_BEGIN:
+        return "accs"
+    return None
+
+
+def _check_finite(r: _Reader, values: np.ndarray, name: str, start: int) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        at = f" (row {where[0]})" if values.ndim > 1 else f" (value {where[0]})"
+        r.fail(f"{name} holds NaN or inf{at}", start)
+
+
+def _parse_accs(path: Path, data: bytes):
+    """``(covariance_type, flag bits, K, D, occupancy, means, second)``, shapes checked; absent
+    orders are None; full second-order statistics are un-centred as Kaldi's Read does."""
+    r = _Reader(path, data, "accumulator file", keep_double=True)
+    start = r.pos
+    first = r.token()
+    if first != _ACCS_BEGIN:
+        if first in _BEGIN:
+            why = " (a Kaldi GMM model, not accumulators)"
+        elif first == b"<FULLGMMACCS>":
+            why = " (Kaldi writes full-covariance accumulators with <GMMACCS> too)"
+        elif first.startswith(b"<"):
+            why = " (a Kaldi object, but not GMM accumulators)"
+        else:
+            why = ""
+        r.fail(f"expected <GMMACCS>, got {_show(first)}{why}", start)
+    r.expect("<VECSIZE>")
+    start = r.pos
+    dim = r.basic_int(4, "<VECSIZE>")
+    if dim <= 0:
+        r.fail(f"<VECSIZE> is {dim}, not a positive dimension", start)
+    r.expect("<NUMCOMPONENTS>")
+    start = r.pos
+    k = r.basic_int(4, "<NUMCOMPONENTS>")
+    if k <= 0:
+        r.fail(f"<NUMCOMPONENTS> is {k}, not a positive number of Gaussians", start)
+    r.expect("<FLAGS>")
+    start = r.pos
+    raw_flags = r.basic_int(-2, "<FLAGS>")
+    bits = _augment_flags(raw_flags)
+    if raw_flags & ~_FLAGS_ALL or not bits & 4:
+        r.fail(f"<FLAGS> {raw_flags} are not Kaldi GMM flags (m=1 v=2 w=4 t=8, at least w)",
+               start)
+    flag_text = kaldi_flags_string(bits)
+    want_means, want_vars = bool(bits & 1), bool(bits & 2)
+
+    occ = means = second = None
+    cov_type = None
+    seen: set[bytes] = set()
+    while True:
+        start = r.pos
+        token = r.token()
+        if token == b"</GMMACCS>":
+            if r.pos == len(data) and not data.endswith(_WHITESPACE_END):
+                r.fail("no blank after </GMMACCS> (the file is cut short)", start)
+            break
+        if token not in _ACCS_TOKENS:
+            r.fail(f"expected one of {', '.join(t.decode() for t in _ACCS_TOKENS)} or "
+                   f"</GMMACCS>, got {_show(token)}", start)
+        if token in seen or (token.endswith(b"VARACCS>") and cov_type is not None):
+            r.fail(f"a second {token.decode()}" if token in seen else
+                   "both <DIAGVARACCS> and <FULLVARACCS>", start)
+        seen.add(token)
+        start = r.pos
+        if token == b"<OCCUPANCY>":
+            occ = r.vector()
+            if occ.shape != (k,):
+                r.fail(f"<OCCUPANCY> has {len(occ)} values but <NUMCOMPONENTS> is {k}", start)
+            _check_finite(r, occ, "<OCCUPANCY>", start)
+        elif token in (b"<MEANACCS>", b"<DIAGVARACCS>"):
+            mat = r.matrix()
+            wanted = want_means if token == b"<MEANACCS>" else want_vars
+            shape = (k, dim) if wanted else (0, 0)
+            if mat.shape != shape:
+                expect = f"{k}x{dim} (<NUMCOMPONENTS> x <VECSIZE>)" if wanted else \
+                    f"empty (flags {flag_text!r})"
+                r.fail(f"{token.decode()} is {mat.shape[0]}x{mat.shape[1]}, expected {expect}",
+                       start)
+            _check_finite(r, mat, token.decode(), start)
+            if token == b"<MEANACCS>":
+                means = mat if wanted else None
+            else:
+                cov_type, second = "diag", (mat if wanted else None)
+        else:  # <FULLVARACCS>: K packed matrices, centred (AccumFullGmm::Write)
+            if not want_vars:
+                r.fail(f"<FULLVARACCS> with flags {flag_text!r} (no variances)", start)
+            if occ is None or means is None:
+                r.fail("<FULLVARACCS> before <OCCUPANCY> and <MEANACCS> (Kaldi needs both to "
+                       "un-centre it)", start)
+            full = []
+            for c in range(k):
+                start = r.pos
+                centred = r.packed()
+                if centred.shape != (dim, dim):
+                    r.fail(f"<FULLVARACCS> matrix {c} is {len(centred)}x{len(centred)}, "
+                           f"expected {dim}x{dim} (<VECSIZE>)", start)
+                _check_finite(r, centred, f"<FULLVARACCS> matrix {c}", start)
+                full.append(_uncentre(centred, means[c], occ[c]))
+            cov_type, second = "full", np.stack(full)
+    r.skip_space()
+    if r.pos != len(data):
+        r.fail(f"unexpected data after </GMMACCS>: {_show(data[r.pos:])}")
+    if occ is None:
+        r.fail("no <OCCUPANCY> before </GMMACCS>")
+    if want_means and means is None:
+        r.fail(f"no <MEANACCS> before </GMMACCS> (flags {flag_text!r})")
+    if want_vars and second is None:
+        r.fail(f"no <DIAGVARACCS> or <FULLVARACCS> before </GMMACCS> (flags {flag_text!r})")
+    cov_type = cov_type or "full"  # only AccumFullGmm leaves the variance token out
+    zeros = k * dim * (dim if cov_type == "full" else 1) * (second is None) + \
+        k * dim * (means is None)
+    if zeros > _MAX_ZERO_VALUES:
+        r.fail(f"flags {flag_text!r} with <NUMCOMPONENTS> {k} and <VECSIZE> {dim} would need "
+               f"{zeros} zero statistics the file does not hold (more than {_MAX_ZERO_VALUES})")
+    return cov_type, bits, k, dim, occ, means, second
+
+
+def _uncentre(centred: np.ndarray, mean: np.ndarray, occ) -> np.ndarray:
+    """``AccumFullGmm::Read``: ``Σγxxᵀ = C + (1/occ)·mmᵀ`` in double, when occ ≠ 0."""
+    out = centred.astype(np.float64)
+    if occ != 0:
+        m = mean.astype(np.float64)
+        out = out + np.outer(m, (1.0 / float(occ)) * m)
+        low = np.tril(out)
+        out = low + np.tril(out, -1).T
+    return out
+
+
+def read_kaldi_accs(path: str | os.PathLike) -> KaldiAccs:
+    """Read a Kaldi accumulator file (``<GMMACCS>``, as written by ``gmm-global-acc-stats``,
+    ``fgmm-global-acc-stats`` and their ``-sum-accs``), text or binary (told apart by the
+    ``\\0B`` header), diagonal (``<DIAGVARACCS>``) or full (``<FULLVARACCS>``, stored centred
+    and un-centred here as Kaldi's ``Read`` does).
+
+    Float (``FV``/``FM``/``FP``, what Kaldi writes) and double (``DV``/``DM``/``DP``) values
+    are accepted, double kept as double. Text numbers are read as float32: Kaldi writes its
+    float32 values with 7 significant digits, so a text file agrees with the binary one to
+    half a unit in the 7th digit (the binary values printed that way give the text file
+    byte for byte). See :class:`KaldiAccs` for loglike and frames.
+
+    Raises :class:`UserError` on one line naming the file and the byte offset for anything
+    malformed: truncated, another Kaldi object (e.g. a model), sizes that disagree with
+    ``<VECSIZE>``/``<NUMCOMPONENTS>`` or the flags, NaN or inf, bytes that are not Kaldi's.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    try:
+        cov_type, bits, k, dim, occ, means, second = _parse_accs(path, data)
+        zeroth = occ.astype(np.float64)
+        first = np.zeros((k, dim)) if means is None else means.astype(np.float64)
+        if second is None:
+            second = np.zeros((k, dim) if cov_type == "diag" else (k, dim, dim))
+        stats = GmmStats(zeroth, first, second.astype(np.float64), loglike=0.0,
+                         frames=int(round(float(zeroth.sum()))))
+    except UserError:
+        raise
+    except (ValueError, TypeError, OverflowError, IndexError, MemoryError) as exc:
+        raise UserError(f"{path}: corrupt Kaldi accumulator file ({type(exc).__name__}: "
+                        f"{exc})") from None
+    return KaldiAccs(stats, kaldi_flags_string(bits))
+
+
+def read_kaldi_stats(path: str | os.PathLike, label: str = GLOBAL_LABEL) -> dict:
+    """``{label: read_kaldi_accs(path).stats}``: the shape of a ``FOREIGN_READERS`` reader
+    (``"kaldi-stats"``, so :func:`emdist.io.modelio.load_stats` reads Kaldi accumulators)."""
+    return {label: read_kaldi_accs(path).stats}
+
+
+def _float32_of(path, name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as float32, refusing NaN, inf and values float32 cannot hold."""
+    values = np.asarray(values, np.float64)
+    if not np.isfinite(values).all() or (np.abs(values) > _F32_MAX).any():
+        raise UserError(f"{path}: cannot write Kaldi accumulators: the {name} statistics hold "
+                        "NaN, inf or values beyond float32")
+    return values.astype(np.float32)
+
+
+def kaldi_accs_bytes(stats: GmmStats, binary: bool = True, flags: str = "mvw",
+                     path: str | os.PathLike = "<bytes>") -> bytes:
+    """The bytes of ``stats`` as Kaldi's ``AccumDiagGmm::Write`` (diag statistics) or
+    ``AccumFullGmm::Write`` (full) produce them: float32 values, flags as Kaldi's augmented
+    ``uint16`` (``"w"``, ``"mw"``, ``"mvw"``; ``"v"`` means ``"mvw"``), orders the flags
+    leave out written empty (diag) or left out (full variances), full second-order
+    statistics centred (``Σγxxᵀ − (1/occ)·(Σγx)(Σγx)ᵀ`` in double, when occ ≠ 0).
+    ``loglike`` and ``frames`` are not written: Kaldi's accumulators have no place for them.
+    ``path`` only names the destination in error messages."""
+    bits = kaldi_flags_bits(flags)
+    k, dim = stats.n_components, stats.dim
+    if k == 0 or dim == 0:
+        raise UserError(f"{path}: cannot write Kaldi accumulators of {k} Gaussians of "
+                        f"dimension {dim}")
+    diag = stats.covariance_type == "diag"
+    occ = _float32_of(path, "zeroth-order", stats.zeroth)
+    empty = np.zeros((0, 0), np.float32)
+    means = _float32_of(path, "first-order", stats.first) if bits & 1 else empty
+    var: np.ndarray | list = empty
+    if bits & 2 and diag:
+        var = _float32_of(path, "second-order", stats.second)
+    elif bits & 2:
+        centred = []
+        for c in range(k):
+            acc = np.array(stats.second[c], np.float64)
+            if stats.zeroth[c] != 0:
+                m = stats.first[c]
+                acc = acc + np.outer(m, (-1.0 / stats.zeroth[c]) * m)
+            centred.append(_float32_of(path, "second-order", np.tril(acc) + np.tril(acc, -1).T))
+        var = centred
+    if binary:
+        out = [_BINARY_HEADER, _bin_token("<GMMACCS>"), _bin_token("<VECSIZE>"), _bin_int(dim),
+               _bin_token("<NUMCOMPONENTS>"), _bin_int(k), _bin_token("<FLAGS>"),
+               b"\xfe" + bits.to_bytes(2, "little"), _bin_token("<OCCUPANCY>"),
+               _bin_vector(occ), _bin_token("<MEANACCS>"), _bin_matrix(means)]
+        if diag:
+            out += [_bin_token("<DIAGVARACCS>"), _bin_matrix(var)]
+        elif bits & 2:
+            out += [_bin_token("<FULLVARACCS>")] + [_bin_packed(p) for p in var]
+        out.append(_bin_token("</GMMACCS>"))
+        return b"".join(out)
+    text = [f"<GMMACCS> <VECSIZE> {dim} <NUMCOMPONENTS> {k} <FLAGS> {bits} <OCCUPANCY> ",
+            _text_vector(occ), "<MEANACCS> ", _text_matrix(means)]
+    if diag:
+        text += ["<DIAGVARACCS> ", _text_matrix(var)]
+    elif bits & 2:
+        text += ["<FULLVARACCS> "] + [_text_packed(p) for p in var]
+    text.append("</GMMACCS> ")
+    return "".join(text).encode("ascii")
+
+
+def write_kaldi_accs(path: str | os.PathLike, stats: GmmStats, binary: bool = True,
+                     flags: str = "mvw") -> None:
+    """Write ``stats`` as a Kaldi accumulator file (binary by default, as Kaldi),
+    atomically; see :func:`kaldi_accs_bytes`. Kaldi's ``gmm-global-sum-accs``,
+    ``gmm-global-est`` (diag) and ``fgmm-global-*`` (full) read it."""
+    from emdist.io.modelio import atomic_write_bytes
+
+    if not isinstance(stats, GmmStats):
+        raise UserError(f"{path}: Kaldi accumulator files hold GMM statistics, not "
+                        f"{type(stats).__name__}")
+    atomic_write_bytes(path, kaldi_accs_bytes(stats, binary, flags, path))

@@ -703,11 +703,13 @@ def check_stats_fit(stats: Mapping, models: Mapping, path: str | os.PathLike) ->
 
 
 def _register_kaldi_readers() -> None:
-    """Kaldi's global GMM files (``gmm-global-copy``, ``fgmm-global-copy``; text or binary)
-    are read by :mod:`emdist.io.kaldi` (issue 11); Kaldi's accumulators not yet."""
-    from emdist.io.kaldi import read_kaldi_models
+    """Kaldi's global GMM files (``gmm-global-copy``, ``fgmm-global-copy``) and their
+    accumulators (``gmm-global-acc-stats``, ``fgmm-global-acc-stats``, ``*-sum-accs``), text
+    or binary, are read by :mod:`emdist.io.kaldi` (issue 11)."""
+    from emdist.io.kaldi import read_kaldi_models, read_kaldi_stats
 
     FOREIGN_READERS.setdefault("kaldi-model", read_kaldi_models)
+    FOREIGN_READERS.setdefault("kaldi-stats", read_kaldi_stats)
 
 
 _register_kaldi_readers()
