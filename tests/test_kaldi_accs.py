@@ -219,7 +219,10 @@ def test_flags_as_kaldi_spells_them(golden):
     assert kaldi_accs_bytes(stats, flags="v") == kaldi_accs_bytes(stats, flags="mvw")
     assert kaldi_accs_bytes(stats, flags="wvm") == ACC_BIN.read_bytes()
     assert b"<FLAGS> \xfe\x0f\x00" in kaldi_accs_bytes(stats, flags="a")
-    for bad in ("x", "", "t", "mvwq"):
+    # AugmentGmmFlags adds the weights to flags without them (Kaldi warns and goes on)
+    assert b"<FLAGS> \xfe\x04\x00" in kaldi_accs_bytes(stats, flags="")
+    assert b"<FLAGS> \xfe\x0c\x00" in kaldi_accs_bytes(stats, flags="t")
+    for bad in ("x", "mvwq"):
         with pytest.raises(UserError, match="flags"):
             kaldi_accs_bytes(stats, flags=bad)
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from emdist.errors import UserError
 from emdist.models.gmm import GMM
+from emdist.models.mstep import augment_flags
 from emdist.models.stats import GmmStats
 
 GLOBAL_LABEL = "global"
@@ -637,21 +638,10 @@ def _augment_flags(bits: int) -> int:
 
 
 def kaldi_flags_bits(flags: str) -> int:
-    """Kaldi's ``StringToGmmFlags`` then ``AugmentGmmFlags``: letters m, v, w, t, a in any
-    order (``"mvw"`` is 7; ``"v"`` becomes 7 too). Raises UserError for other letters and
-    for flags without weights (``""``, ``"t"``), which Kaldi refuses."""
-    bits = 0
-    for c in flags:
-        if c == "a":
-            bits |= _FLAGS_ALL
-        elif c in _FLAG_BITS:
-            bits |= _FLAG_BITS[c]
-        else:
-            raise UserError(f"invalid Kaldi GMM flags {flags!r}: {c!r} is none of m, v, w, t, a")
-    bits = _augment_flags(bits)
-    if not bits & 4:
-        raise UserError(f"invalid Kaldi GMM flags {flags!r}: accumulators need at least 'w'")
-    return bits
+    """Kaldi's ``StringToGmmFlags`` then ``AugmentGmmFlags`` (letters m, v, w, t, a in any
+    order; ``"mvw"`` and ``"v"`` are both 7), as :func:`emdist.models.mstep.augment_flags`
+    reads them. Raises UserError for other letters."""
+    return sum(_FLAG_BITS[c] for c in augment_flags(flags))
 
 
 def kaldi_flags_string(bits: int) -> str:

@@ -96,12 +96,14 @@ def gmm_flags(text: str) -> str:
 
 
 def augment_flags(text: str) -> str:
-    """Kaldi's ``AugmentGmmFlags`` on :func:`gmm_flags`: variances need means, means need
-    weights, and weights are always accumulated."""
+    """Kaldi's ``AugmentGmmFlags`` on :func:`gmm_flags`, for accumulators: variances need
+    means, means need weights, and weights are always accumulated. ``t`` (or ``a``) stays,
+    as Kaldi writes it (``"a"`` is ``"mvwt"``, flags 15)."""
     flags = set(gmm_flags(text)) | {"w"}
     if "v" in flags:
         flags.add("m")
-    return "".join(c for c in GMM_FLAGS if c in flags)
+    transitions = "t" if "t" in text or "a" in text else ""
+    return "".join(c for c in GMM_FLAGS if c in flags) + transitions
 
 
 @dataclass(frozen=True)
