@@ -336,6 +336,15 @@ def train(
     stage: Annotated[int | None, typer.Option(help="Restart from STAGE.mdl.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start afresh: remove what an earlier run "
                                              "wrote in EXP_DIR.")] = False,
+    write_kaldi_accs: Annotated[bool, typer.Option(
+        help="Also write each iteration's summed statistics as Kaldi accumulators, "
+        "EXP_DIR/kaldi/<label>/I.acc (from I.mdl; GMMs).")] = False,
+    write_kaldi_model: Annotated[bool, typer.Option(
+        help="Also write the final models as Kaldi model files, "
+        "EXP_DIR/kaldi/<label>/final.mdl (GMMs).")] = False,
+    kaldi_binary: Annotated[bool, typer.Option(
+        "--kaldi-binary/--kaldi-text", help="Kaldi files in binary (Kaldi's default) or "
+        "text.")] = True,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -359,7 +368,8 @@ def train(
     )
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout,
                     dashboard_address, short_pass)
-    run = dict(stage=stage, overwrite=overwrite, feature_cache=feature_cache.value, quiet=quiet)
+    run = dict(stage=stage, overwrite=overwrite, feature_cache=feature_cache.value, quiet=quiet,
+               kaldi=(write_kaldi_accs, write_kaldi_model, kaldi_binary))
     _run(verbose, _train, data_dir, exp_dir, options, given, estep, mstep, backend_args, run)
 
 
@@ -367,8 +377,9 @@ def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: d
     _check_backend_args(*backend_args)
     _start_fork_server(*backend_args)
     from emdist.data.datadir import load_data_dir
-    from emdist.engine import TrainConfig, train
+    from emdist.engine import KaldiFiles, TrainConfig, train
 
+    run["kaldi"] = KaldiFiles(*run["kaldi"])
     options = {**options, **{k: v for k, v in given.items() if v is not None}}
     from emdist.errors import ClusterLost, WriteFailure
     from emdist.io.expdir import ExpDir
@@ -514,19 +525,21 @@ def _import(kaldi_model: Path, out_model: Path, label: str) -> None:
              gmm.covariance_type, gmm.n_components, gmm.dim, label)
 
 
-def _kaldi_bool(value: str) -> bool:
+def _kaldi_bool(value: str, name: str = "--binary") -> bool:
+    """Kaldi's spelling of a boolean option's value."""
     low = value.lower()
     if low in ("true", "t", "1", "yes", "y"):
         return True
     if low in ("false", "f", "0", "no", "n"):
         return False
-    raise typer.BadParameter(f"{value!r} is not true or false", param_hint="--binary")
+    raise typer.BadParameter(f"{value!r} is not true or false", param_hint=name)
 
 
 class _KaldiBoolCommand(typer.core.TyperCommand):
-    """Kaldi's boolean options: a bare ``--binary`` means ``--binary=true``."""
+    """Kaldi's boolean options: ``--binary=false``, and a bare ``--binary`` means
+    ``--binary=true``."""
 
-    kaldi_bools = ("--binary",)
+    kaldi_bools: tuple[str, ...] = ("--binary",)
 
     def parse_args(self, ctx, args):
         out, rest = [], list(args)
@@ -537,6 +550,15 @@ class _KaldiBoolCommand(typer.core.TyperCommand):
                 break
             out.append(f"{arg}=true" if arg in self.kaldi_bools else arg)
         return super().parse_args(ctx, out)
+
+
+def _kaldi_bools(*names: str) -> type:
+    """A command class for Kaldi boolean options ``names``."""
+    return type("KaldiCommand", (_KaldiBoolCommand,), {"kaldi_bools": names})
+
+
+def _bool_option(help_text: str, name: str):
+    return typer.Option(name, metavar="[=true|false]", help=help_text)
 
 
 @app.command("export", cls=_KaldiBoolCommand)
@@ -596,6 +618,214 @@ def _export(model: Path, kaldi_out: Path | None, binary: bool, label: str | None
                         f"{', '.join(sorted(models)[:10])})")
     write_kaldi_model(kaldi_out, models[label], binary=binary)
     log.info("wrote %s (label %s, %s)", kaldi_out, label, "binary" if binary else "text")
+
+
+# -- Kaldi's piecewise commands -----------------------------------------------------------
+
+KaldiBinary = Annotated[str, _bool_option(
+    "Kaldi files in binary (as Kaldi writes by default); --binary=false writes text.",
+    "--binary")]
+UpdateFlags = Annotated[str, typer.Option(
+    "--update-flags", help="Kaldi's update flags: which of means (m), variances (v) and weights "
+    "(w) to update.")]
+FeaturesArg = Annotated[str, typer.Argument(
+    help="A Kaldi data dir (each utterance to its text label's model, or all to a one-model "
+    "file), or an rspecifier such as scp:feats.scp or ark:feats.ark (one model).")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="Precision of the E-step products "
+                                                 "(statistics are always float64).")]
+
+
+@app.command("acc-stats", cls=_kaldi_bools("--binary", "--kaldi-accs"))
+def acc_stats(
+    model: Annotated[Path, typer.Argument(help="emdist or Kaldi model file.")],
+    features: FeaturesArg,
+    stats_out: Annotated[Path, typer.Argument(help="Statistics file to write.")],
+    kaldi_accs: Annotated[str, _bool_option(
+        "Write Kaldi's accumulators (<GMMACCS>, as gmm-global-acc-stats does) instead of "
+        "emdist's float64 statistics.", "--kaldi-accs")] = "false",
+    binary: KaldiBinary = "true",
+    update_flags: UpdateFlags = "mvw",
+    precision: PrecisionOpt = Precision.float32,
+    chunk_size: Annotated[int, typer.Option(help="Frames per E-step product.")] = 1024,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Accumulate the statistics of MODEL over FEATURES (gmm-global-acc-stats): one E-step
+    job, the task emdist train runs per shard."""
+    _setup_logging(verbose, quiet)
+    kaldi = _kaldi_bool(kaldi_accs, "--kaldi-accs")
+    _run(verbose, _acc_stats, model, features, stats_out, kaldi, _kaldi_bool(binary),
+         update_flags, precision.value, chunk_size)
+
+
+def _acc_stats(model: Path, features: str, stats_out: Path, kaldi: bool, binary: bool,
+               update_flags: str, precision: str, chunk_size: int) -> None:
+    from emdist.engine.steps import acc_stats, read_model_file
+    from emdist.models.estep import EStepOptions
+    from emdist.models.kind import per_frame
+    from emdist.models.mstep import augment_flags
+
+    flags = augment_flags(update_flags)
+    models = read_model_file(model)
+    if kaldi:
+        _check_kaldi_accs(models.models, model)
+    stats = acc_stats(models, features, EStepOptions(dtype=precision, chunk_size=chunk_size))
+    _write_stats(stats_out, stats, kaldi, binary, flags)
+    ll, frames = per_frame(stats)
+    log.info("accumulated %d frames of %d models; log-likelihood per frame %.6f; wrote %s",
+             frames, len(stats), ll, stats_out)
+
+
+def _check_kaldi_accs(stats_or_models, path: Path) -> None:
+    from emdist.errors import UserError
+
+    if len(stats_or_models) != 1:
+        raise UserError(f"{path}: Kaldi accumulators hold one GMM, and this holds "
+                        f"{len(stats_or_models)} models; write emdist statistics instead")
+    value = next(iter(stats_or_models.values()))
+    if type(value).__name__ not in ("GMM", "GmmStats"):
+        raise UserError(f"{path}: Kaldi accumulators hold GMM statistics, not "
+                        f"{type(value).__name__}")
+
+
+def _write_stats(path: Path, stats, kaldi: bool, binary: bool, flags: str) -> None:
+    from emdist.io.kaldi import write_kaldi_accs
+    from emdist.io.modelio import save_stats
+
+    if kaldi:
+        _check_kaldi_accs(stats, path)
+        write_kaldi_accs(path, next(iter(stats.values())), binary=binary, flags=flags)
+    else:
+        save_stats(path, stats)
+
+
+@app.command("sum-accs", cls=_kaldi_bools("--binary", "--kaldi-accs"))
+def sum_accs(
+    stats_out: Annotated[Path, typer.Argument(help="Statistics file to write.")],
+    stats_in: Annotated[list[Path], typer.Argument(help="Statistics files to add (emdist's "
+                                                   "or Kaldi's accumulators).")],
+    kaldi_accs: Annotated[str, _bool_option(
+        "Write Kaldi's accumulators (<GMMACCS>) instead of emdist's float64 statistics.",
+        "--kaldi-accs")] = "false",
+    binary: KaldiBinary = "true",
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Add statistics files (gmm-global-sum-accs), in the order the trainer adds shards."""
+    _setup_logging(verbose, quiet)
+    kaldi = _kaldi_bool(kaldi_accs, "--kaldi-accs")
+    _run(verbose, _sum_accs, stats_out, stats_in, kaldi, _kaldi_bool(binary))
+
+
+def _sum_accs(stats_out: Path, stats_in: list[Path], kaldi: bool, binary: bool) -> None:
+    from emdist.engine.steps import sum_stats
+
+    total = sum_stats(stats_in)
+    _write_stats(stats_out, total.stats, kaldi, binary, total.flags)
+    log.info("summed %d statistics files into %s", len(stats_in), stats_out)
+
+
+@app.command("est", cls=_kaldi_bools("--binary", "--remove-low-count-gaussians"))
+def est(
+    model: Annotated[Path, typer.Argument(help="emdist or Kaldi model file the statistics "
+                                          "were accumulated with.")],
+    stats: Annotated[Path, typer.Argument(help="Statistics (emdist's, or Kaldi's "
+                                          "accumulators).")],
+    model_out: Annotated[Path, typer.Argument(help="Model file to write: Kaldi's format when "
+                                              "MODEL is a Kaldi file, else emdist's.")],
+    min_gaussian_weight: Annotated[float, typer.Option(
+        help="Weight a Gaussian needs to be updated.")] = 1e-5,
+    min_gaussian_occupancy: Annotated[float | None, typer.Option(
+        help="Occupancy a Gaussian needs to be updated. [default: 10 diag, 100 full]",
+        show_default=False)] = None,
+    min_variance: Annotated[float, typer.Option(help="Variance floor (diag).")] = 1e-3,
+    variance_floor: Annotated[float, typer.Option(help="Eigenvalue floor (full).")] = 1e-3,
+    max_condition: Annotated[float, typer.Option(help="Maximum condition number (full).")]
+    = 1e4,
+    remove_low_count_gaussians: Annotated[str, _bool_option(
+        "Remove Gaussians too starved to update (never the last one).",
+        "--remove-low-count-gaussians")] = "true",
+    mix_up: Annotated[int, typer.Option(help="After the update, split the heaviest Gaussians "
+                                        "until there are this many (0: no mix-up).")] = 0,
+    perturb_factor: Annotated[float, typer.Option(
+        help="Mix-up mean perturbation, in standard deviations.")] = 0.01,
+    update_flags: UpdateFlags = "mvw",
+    binary: KaldiBinary = "true",
+    seed: Annotated[int, typer.Option(help="Seed of the mix-up perturbation.")] = 0,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Estimate a new model from statistics (gmm-global-est), with Kaldi's options."""
+    _setup_logging(verbose, quiet)
+    remove = _kaldi_bool(remove_low_count_gaussians, "--remove-low-count-gaussians")
+    mstep = dict(min_gaussian_weight=min_gaussian_weight,
+                 min_gaussian_occupancy=min_gaussian_occupancy, min_variance=min_variance,
+                 variance_floor=variance_floor, max_condition=max_condition,
+                 remove_low_count_gaussians=remove, update_flags=update_flags)
+    _run(verbose, _est, model, stats, model_out, mstep, mix_up, perturb_factor,
+         _kaldi_bool(binary), seed)
+
+
+def _est(model: Path, stats_path: Path, model_out: Path, mstep: dict, mix_up: int,
+         perturb_factor: float, binary: bool, seed: int) -> None:
+    from emdist.engine.steps import describe_update, estimate, read_model_file, read_stats_file
+    from emdist.errors import UserError
+    from emdist.io.kaldi import write_kaldi_model
+    from emdist.io.modelio import save_models
+    from emdist.models.mstep import MStepOptions
+
+    if mix_up < 0:
+        raise UserError(f"--mix-up={mix_up}: give a number of Gaussians, or 0")
+    models = read_model_file(model)
+    stats = read_stats_file(stats_path)
+    new, reports = estimate(models, stats, MStepOptions(**mstep), mix_up, perturb_factor, seed)
+    for line in describe_update(stats, reports):
+        log.info("%s", line)
+    if models.kaldi:
+        write_kaldi_model(model_out, next(iter(new.values())), binary=binary)
+    else:
+        save_models(model_out, new)
+    log.info("wrote %s", model_out)
+
+
+@app.command("get-frame-likes", cls=_kaldi_bools("--average"))
+def get_frame_likes(
+    model: Annotated[Path, typer.Argument(help="emdist or Kaldi GMM file.")],
+    features: FeaturesArg,
+    likes_out: Annotated[str, typer.Argument(
+        help="Kaldi wspecifier: ark:likes.ark, ark,t:likes.txt, ark,scp:likes.ark,likes.scp, "
+        "ark,t:- for standard output.")],
+    average: Annotated[str, _bool_option(
+        "One average log-likelihood per utterance instead of a vector per frame.",
+        "--average")] = "false",
+    label: Annotated[str | None, typer.Option(
+        help="The model to score with, from a file of several models.")] = None,
+    precision: PrecisionOpt = Precision.float32,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Per-frame log-likelihoods of every utterance (gmm-global-get-frame-likes), as a
+    Kaldi archive of vectors, or of floats with --average."""
+    _setup_logging(verbose, quiet)
+    mean = _kaldi_bool(average, "--average")
+    _run(verbose, _frame_likes, model, features, likes_out, mean, label, precision.value)
+
+
+def _frame_likes(model: Path, features: str, likes_out: str, average: bool,
+                 label: str | None, precision: str) -> None:
+    from emdist.engine.steps import frame_likes, read_model_file
+    from emdist.io.tables import TableWriter
+    from emdist.models.estep import EStepOptions
+
+    models = read_model_file(model)
+    utts = frames = 0
+    total = 0.0
+    with TableWriter(likes_out) as writer:
+        for utt_id, likes in frame_likes(models, features, label, EStepOptions(dtype=precision)):
+            writer.write(utt_id, float(likes.mean()) if average else likes)
+            utts, frames, total = utts + 1, frames + len(likes), total + float(likes.sum())
+    log.info("scored %d utterances, %d frames; log-likelihood per frame %.6f", utts, frames,
+             total / max(frames, 1))
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
 """The EM driver: configuration (``config``), passes over the shards with a backend and the
-exp dir (``trainer``) and the training loop
-(``driver``). The engine talks to backends through :class:`emdist.backends.base.Backend`."""
+exp dir (``trainer``), the training loop (``driver``), and one iteration in Kaldi's pieces
+for recipes that run them as their own jobs (``steps``). The engine talks to backends
+through :class:`emdist.backends.base.Backend`."""
 
 from emdist.engine.config import IterationRecord, TrainConfig
 from emdist.engine.driver import (
     ConvergenceMonitor,
+    KaldiFiles,
     LikelihoodDecreaseWarning,
     make_shards,
     train,
@@ -13,6 +15,7 @@ from emdist.engine.driver import (
 __all__ = [
     "ConvergenceMonitor",
     "IterationRecord",
+    "KaldiFiles",
     "LikelihoodDecreaseWarning",
     "TrainConfig",
     "make_shards",

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from emdist.backends.base import Backend
 from emdist.data.datadir import DataDir, parse_rxfilename
@@ -75,6 +75,7 @@ def train(
     on_record: Callable[[IterationRecord], None] | None = None,
     feature_cache: str = "auto",
     progress: Progress | None = None,
+    kaldi: KaldiFiles | None = None,
 ) -> dict:
     """Train one model per label (or one ``global`` model) by EM, of the kind
     ``config.model`` (a GMM by default; see :mod:`emdist.models.kind`).
@@ -98,6 +99,9 @@ def train(
         Keep shards in (worker) memory across passes, or stream them from disk each pass;
         ``auto`` caches when they fit in half the memory. Never changes the result.
     progress : Progress, optional
+    kaldi : KaldiFiles, optional
+        Also write each iteration's statistics as Kaldi accumulators and the final models
+        as Kaldi model files, in ``exp``'s ``kaldi/<label>/`` (GMMs only).
 
     Returns
     -------
@@ -106,12 +110,34 @@ def train(
     # The driver's own numerics (M-steps, initialisation) run on one BLAS thread: OpenBLAS's
     # idle threads spin for a while after every call, and in a local cluster that spinning
     # took a core from the workers (1.2 s of CPU in a 1.7 s digits run on 2 workers).
+    if kaldi is not None and (kaldi.accs or kaldi.model):
+        if config.model != "gmm":
+            raise UserError("Kaldi's model and accumulator files hold GMMs: --write-kaldi-accs "
+                            "and --write-kaldi-model need --model gmm")
+        if exp is None:
+            raise UserError("Kaldi files are written into an exp dir; give one")
     with one_blas_thread():
-        return _train(data, config, backend, exp, stage, overwrite, on_record, feature_cache,
-                      progress)
+        models = _train(data, config, backend, exp, stage, overwrite, on_record, feature_cache,
+                        progress, kaldi)
+        if kaldi is not None and kaldi.model:
+            exp.write_kaldi_models("final", models, kaldi.binary)
+            log.info("wrote the final models as Kaldi files in %s", exp.kaldi_dir)
+        return models
 
 
-def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cache, progress):
+@dataclass(frozen=True)
+class KaldiFiles:
+    """Kaldi's files a training run also writes (they never change the result)."""
+
+    accs: bool = False
+    """Each iteration's summed statistics: ``kaldi/<label>/I.acc`` from ``I.mdl``."""
+    model: bool = False
+    """The final models: ``kaldi/<label>/final.mdl``."""
+    binary: bool = True
+
+
+def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cache, progress,
+           kaldi):
     shards = make_shards(data, config.nj, config.global_mode, config.subsample)
     labels = sorted({key for s in shards for key in s.keys})
     trainer = Trainer(shards, data.dim, config, backend, exp, on_record, feature_cache, progress)
@@ -140,7 +166,7 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
     elif config.gselect:
         log.info("--gselect %d selects every Gaussian of %d: exact EM", config.gselect,
                  config.num_gauss)
-    return _iterate(trainer, models, start, records)
+    return _iterate(trainer, models, start, records, kaldi)
 
 
 def _resume(trainer: Trainer, stage: int | None, overwrite: bool, data: DataDir):
@@ -183,7 +209,8 @@ def _mstep_options(cfg: TrainConfig, i: int) -> MStepOptions:
     return cfg.mstep
 
 
-def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict:
+def _iterate(trainer: Trainer, models, start: int, records: list[dict],
+             kaldi: KaldiFiles | None = None) -> dict:
     cfg = trainer.config
     # float32 products round each frame's log-likelihood at about 1e-7 relative
     rtol = 1e-6 if cfg.estep.dtype == "float32" else 1e-7
@@ -193,6 +220,8 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict]) -> dict:
         t0 = time.time()
         stats = trainer.e_pass(models, "acc", i, hard=cfg.viterbi, selected=cfg.selects)
         models_next, reports = trainer.update(models, stats, _mstep_options(cfg, i))
+        if kaldi is not None and kaldi.accs and trainer.exp is not None:
+            trainer.exp.write_kaldi_accs(i, stats, kaldi.binary)
         trainer.write_update_log(f"update.{i}.log", f"m_step {i}.mdl -> {i + 1}.mdl",
                                  stats, reports)
         i += 1

@@ -13,6 +13,8 @@
       log/acc.I.JOB.log    E-step job JOB on I.mdl
       log/update.I.log     M-step from I.mdl's statistics to I+1.mdl
       decode_<data>/results.json   written by ``emdist test``
+      kaldi/<label>/I.acc  Kaldi accumulators of I.mdl's statistics (--write-kaldi-accs)
+      kaldi/<label>/final.mdl  the final GMM as a Kaldi model file (--write-kaldi-model)
 
 Every file is written atomically (temporary name, then rename).
 """
@@ -74,6 +76,41 @@ class ExpDir:
 
     def write_final(self, i: int) -> None:
         atomic_write_bytes(self.final, self.model_path(i).read_bytes())
+
+    # -- Kaldi's files, for a Kaldi recipe to take over -----------------------------------
+
+    @property
+    def kaldi_dir(self) -> Path:
+        return self.path / "kaldi"
+
+    def kaldi_path(self, label: str, name: str) -> Path:
+        """``kaldi/<label>/<name>``: one directory per model, as Kaldi files hold one GMM."""
+        return self.kaldi_dir / label / name
+
+    def write_kaldi_accs(self, i: int, stats: Mapping, binary: bool = True) -> None:
+        """Each model's statistics from ``i``.mdl as Kaldi accumulators (float32, as
+        ``gmm-global-acc-stats`` and ``gmm-global-sum-accs`` write them)."""
+        from emdist.io.kaldi import write_kaldi_accs
+
+        for label, s in sorted(stats.items()):
+            self._kaldi_label_dir(label)
+            write_kaldi_accs(self.kaldi_path(label, f"{i}.acc"), s, binary=binary)
+
+    def write_kaldi_models(self, name: str, models: Mapping[str, GMM], binary: bool = True) -> None:
+        """Each model as a Kaldi ``<DiagGMM>``/``<FullGMM>`` file ``kaldi/<label>/<name>.mdl``."""
+        from emdist.io.kaldi import write_kaldi_model
+
+        for label, gmm in sorted(models.items()):
+            self._kaldi_label_dir(label)
+            write_kaldi_model(self.kaldi_path(label, f"{name}.mdl"), gmm, binary=binary)
+
+    def _kaldi_label_dir(self, label: str) -> None:
+        if label in (".", "..") or "/" in label or "\\" in label or "\0" in label:
+            raise UserError(f"label {label!r} cannot name a directory in {self.kaldi_dir}")
+        try:
+            (self.kaldi_dir / label).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteFailure(exc.filename or self.kaldi_dir, exc.strerror or str(exc)) from None
 
     # -- configuration and resume -------------------------------------------------------
 
@@ -137,8 +174,9 @@ class ExpDir:
             self.model_path(i).unlink()
         for p in (self.final, self.metrics_path, self.config_path, self.path / "num_jobs"):
             p.unlink(missing_ok=True)
-        if self.log_dir.is_dir():
-            shutil.rmtree(self.log_dir)
+        for d in (self.log_dir, self.kaldi_dir):
+            if d.is_dir():
+                shutil.rmtree(d)
 
     def drop_models_after(self, i: int) -> None:
         """Forget models and records after ``i`` (``--stage i`` restarts from ``i.mdl``)."""
@@ -146,6 +184,8 @@ class ExpDir:
             if n > i:
                 self.model_path(n).unlink()
         self.final.unlink(missing_ok=True)
+        for final in self.kaldi_dir.glob("*/final.mdl"):
+            final.unlink()
         self.write_metrics([r for r in self.read_metrics() if r["iter"] <= i])
 
     # -- records and logs -------------------------------------------------------------

@@ -1,0 +1,293 @@
+"""One EM iteration in Kaldi's pieces: accumulate, sum, estimate; and per-frame scores.
+
+These are the library side of ``emdist acc-stats``, ``sum-accs``, ``est`` and
+``get-frame-likes``, modelled on ``gmm-global-acc-stats``, ``gmm-global-sum-accs``,
+``gmm-global-est`` and ``gmm-global-get-frame-likes``, so that a recipe can run them as
+``JOB=1:nj`` jobs of its own ``run.pl`` or ``queue.pl``:
+
+* :func:`acc_stats` runs the same E-step as one shard of ``emdist train`` (the shard task
+  :func:`emdist.tasks.acc_shard`, by the models' kind), over a data dir (each utterance to
+  its label's model, or all to a one-model file) or over a Kaldi rspecifier;
+* :func:`sum_stats` adds statistics files in the order given, in the tree the trainer uses
+  (:func:`emdist.models.stats.tree_sum`), so two shards summed here are the trainer's sum;
+* :func:`estimate` is the trainer's update (:meth:`ModelKind.update`), then Kaldi's mix-up.
+
+So ``acc-stats`` on the trainer's shards, ``sum-accs`` and ``est`` give the bytes of one
+``emdist train`` iteration. Model and statistics files are emdist's or Kaldi's
+(:mod:`emdist.io.kaldi`); every problem is a one-line :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emdist.data.datadir import load_data_dir
+from emdist.errors import UserError
+from emdist.io.kaldi import kaldi_file_kind, read_kaldi_accs
+from emdist.io.modelio import (
+    check_models_fit,
+    check_stats,
+    check_stats_fit,
+    load_models,
+    load_stats,
+)
+from emdist.io.tables import read_features
+from emdist.models.estep import EStepOptions, make_kernel
+from emdist.models.initialize import split
+from emdist.models.kernel import Scorer
+from emdist.models.kind import kind_of_models, per_frame
+from emdist.models.mstep import GMM_FLAGS, MStepOptions, UpdateReport
+from emdist.models.stats import StatsMap, add_maps, tree_sum
+from emdist.tasks import (
+    GLOBAL_LABEL,
+    BadData,
+    Shard,
+    acc_shard,
+    frames_problem,
+    one_blas_thread,
+)
+
+log = logging.getLogger("emdist")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """Models read from an emdist or a Kaldi model file (``kaldi``: write Kaldi back)."""
+
+    path: Path
+    models: dict
+    kaldi: bool
+
+
+def read_model_file(path: str | os.PathLike) -> ModelFile:
+    """An emdist model file, or a Kaldi ``<DiagGMM>``/``<FullGMM>`` file (one model,
+    labelled ``global``), told apart by content."""
+    path = Path(path)
+    what = kaldi_file_kind(path) if path.is_file() else None
+    if what == "accs":
+        raise UserError(f"{path}: holds Kaldi accumulators, not a model; give the model the "
+                        "statistics were accumulated with")
+    return ModelFile(path, load_models(path), what == "model")
+
+
+@dataclass(frozen=True)
+class StatsFile:
+    """Statistics read from an emdist or a Kaldi accumulator file, with the orders they
+    hold as Kaldi's update flags (emdist statistics hold all: ``"mvw"``)."""
+
+    path: Path
+    stats: StatsMap
+    flags: str
+    kaldi: bool
+
+
+def read_stats_file(path: str | os.PathLike) -> StatsFile:
+    path = Path(path)
+    what = kaldi_file_kind(path) if path.is_file() else None
+    if what == "model":
+        raise UserError(f"{path}: holds a Kaldi model, not accumulators")
+    if what == "accs":
+        accs = read_kaldi_accs(path)
+        stats = {GLOBAL_LABEL: accs.stats}
+        check_stats(stats, path)
+        return StatsFile(path, stats, accs.flags, True)
+    return StatsFile(path, load_stats(path), GMM_FLAGS, False)
+
+
+# -- acc-stats -----------------------------------------------------------------------------
+
+
+def is_rspecifier(features: str) -> bool:
+    """``scp:...`` or ``ark:...`` (with Kaldi's ``,s,cs``-style options): not a data dir."""
+    head = features.split(":", 1)[0]
+    return ":" in features and head.split(",")[0] in ("scp", "ark")
+
+
+def _data_dir_shard(models: Mapping, model_path: Path, data_dir: str) -> Shard:
+    """All utterances of a data dir as one shard: each to its label's model (``text``), or
+    all to the model of a one-model file."""
+    labels = sorted(models)
+    data = load_data_dir(data_dir, require_labels=len(labels) > 1)
+    if len(labels) > 1:
+        check_models_fit(models, data, model_path)
+        return Shard(0, data.utts, tuple(u.label for u in data.utts))
+    check_models_fit({GLOBAL_LABEL: models[labels[0]]}, data, model_path)
+    return Shard(0, data.utts, tuple(labels[0] for _ in data.utts))
+
+
+def _with_ids(models: Mapping, features: str) -> Iterator[tuple[str, tuple[str, np.ndarray]]]:
+    """(utterance id, (label, frames)) of every utterance of an rspecifier, checked, for a
+    one-model file."""
+    (label, model), = models.items()
+    for utt_id, feats in read_features(features):
+        if feats.shape[1] != model.dim:
+            raise UserError(f"{features}: utterance {utt_id} has dim {feats.shape[1]} but the "
+                            f"model has dim {model.dim}")
+        problem = frames_problem(feats)
+        if problem is not None:
+            raise UserError(f"{features}: utterance {utt_id} {problem}; fix or drop it")
+        yield utt_id, (label, feats)
+
+
+def acc_stats(models: ModelFile, features: str, options: EStepOptions) -> StatsMap:
+    """Statistics of ``models`` over FEATURES: a Kaldi data dir or an rspecifier.
+
+    From a data dir this is :func:`emdist.tasks.acc_shard` on one shard of all its
+    utterances, the task ``emdist train`` runs per shard. An rspecifier has no labels:
+    the model file must hold one model.
+    """
+    if not is_rspecifier(features):
+        if not Path(features).is_dir():
+            raise UserError(f"{features}: no such data dir; FEATURES is a Kaldi data dir or "
+                            "an rspecifier like scp:feats.scp or ark:feats.ark")
+        shard = _data_dir_shard(models.models, models.path, features)
+        result = acc_shard(shard, models.models, options)
+        if isinstance(result, BadData):
+            raise result.error
+        return result[0]
+    if len(models.models) != 1:
+        raise UserError(f"{features}: an rspecifier has no labels, and {models.path} holds "
+                        f"{len(models.models)} models; give a data dir with text, or one model")
+    kind = kind_of_models(models.models)
+    with one_blas_thread():
+        pieces = (piece for _, piece in _with_ids(models.models, features))
+        stats = kind.accumulate(models.models, pieces, options)
+    if not stats:
+        raise UserError(f"{features}: no utterances")
+    return stats
+
+
+# -- sum-accs ------------------------------------------------------------------------------
+
+
+def sum_stats(paths: Sequence[str | os.PathLike]) -> StatsFile:
+    """The sum of statistics files (emdist or Kaldi, any mix), in the trainer's tree order.
+
+    Every file must hold statistics of the same models: the same kind and, label by label,
+    the same shapes. Kaldi accumulators are unlabelled: they add to the one model of the
+    emdist files. The sum holds the orders (flags) every file holds.
+    """
+    if not paths:
+        raise UserError("no statistics files to sum")
+    files = [read_stats_file(p) for p in paths]
+    named = [f for f in files if not f.kaldi]
+    target = next(iter(named[0].stats)) if named and len(named[0].stats) == 1 else GLOBAL_LABEL
+    maps = [f.stats if not f.kaldi else {target: f.stats[GLOBAL_LABEL]} for f in files]
+    seen: dict[str, tuple] = {}
+    for f, stats in zip(files, maps, strict=True):
+        for label, s in sorted(stats.items()):
+            shape = _shape(s)
+            ref = seen.setdefault(label, (f.path, shape))
+            if ref[1] != shape:
+                raise UserError(
+                    f"{f.path}: statistics of {label!r} are {shape[0]} of shape {shape[1]}, "
+                    f"but {ref[0]} holds {ref[1][0]} of shape {ref[1][1]}; accumulators of "
+                    "another model")
+    flags = "".join(c for c in GMM_FLAGS if all(c in f.flags for f in files))
+    return StatsFile(Path(paths[-1]), tree_sum(maps, add_maps), flags,
+                     all(f.kaldi for f in files))
+
+
+def _shape(stats) -> tuple:
+    gmm = getattr(stats, "gmm", stats)
+    trans = getattr(stats, "transitions", None)
+    return (type(stats).__name__, gmm.second.shape if trans is None else
+            (gmm.second.shape, trans.shape))
+
+
+# -- est -----------------------------------------------------------------------------------
+
+
+def match_labels(stats: StatsFile, models: ModelFile) -> StatsMap:
+    """Statistics keyed like the models: Kaldi accumulators (unlabelled, ``global``) go to
+    the model of a one-model file whatever its label."""
+    if len(stats.stats) == 1 == len(models.models) and set(stats.stats) != set(models.models):
+        if stats.kaldi or models.kaldi:
+            return {next(iter(models.models)): next(iter(stats.stats.values()))}
+    return stats.stats
+
+
+def estimate(models: ModelFile, stats: StatsFile, options: MStepOptions, mix_up: int = 0,
+             perturb_factor: float = 0.01, seed: int = 0) -> tuple[dict, dict[str,
+                                                                            UpdateReport]]:
+    """The M-step of every model from its statistics (:meth:`ModelKind.update`, as the
+    trainer does), then Kaldi's mix-up to ``mix_up`` Gaussians (GMMs)."""
+    keyed = match_labels(stats, models)
+    check_stats_fit(keyed, models.models, stats.path)
+    missing = sorted(set(options.update_flags) - set(stats.flags))
+    if missing:
+        raise UserError(f"{stats.path}: --update-flags {options.update_flags} needs statistics "
+                        f"the accumulators do not hold (their flags: {stats.flags}); "
+                        "accumulate with those flags")
+    kind = kind_of_models(models.models)
+    new, reports = {}, {}
+    for label in sorted(models.models):
+        if label not in keyed:
+            raise UserError(f"{stats.path}: no statistics for model {label!r}")
+        new[label], reports[label] = kind.update(keyed[label], options, models.models[label])
+    if mix_up:
+        if kind.name != "gmm":
+            raise UserError(f"--mix-up splits Gaussians of GMMs; {models.path} holds "
+                            f"{kind.name} models")
+        rng = np.random.default_rng(seed)
+        for label in sorted(new):
+            if mix_up < new[label].n_components:
+                raise UserError(f"--mix-up={mix_up}: cannot split model {label!r} from "
+                                f"{new[label].n_components} down to {mix_up} Gaussians")
+            new[label] = split(new[label], mix_up, perturb_factor, rng)
+    return new, reports
+
+
+def describe_update(stats: StatsFile, reports: Mapping[str, UpdateReport]) -> list[str]:
+    """Log lines of an update: frames, log-likelihood, floored and removed Gaussians."""
+    ll, frames = per_frame(stats.stats)
+    lines = [f"{frames} frames" + ("" if stats.kaldi else
+                                   f"; log-likelihood per frame {ll:.6f} under the input model")]
+    for label, r in sorted(reports.items()):
+        lines.append(f"model {label}: {r.n_components_in} -> {r.n_components_out} Gaussians, "
+                     f"floored {r.floored_elements} elements in {r.floored_gaussians} "
+                     f"Gaussians, removed {len(r.removed)}, not updated {len(r.not_updated)}")
+    return lines
+
+
+# -- get-frame-likes -----------------------------------------------------------------------
+
+
+def frame_likes(models: ModelFile, features: str, label: str | None,
+                options: EStepOptions) -> Iterator[tuple[str, np.ndarray]]:
+    """(utterance id, per-frame log-likelihoods) of every utterance of FEATURES under one
+    GMM of the file (``label`` picks it from several), in table order."""
+    labels = sorted(models.models)
+    if label is None:
+        if len(labels) != 1:
+            shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+            raise UserError(f"{models.path}: holds {len(labels)} models ({shown}); pick one "
+                            "with --label L")
+        label = labels[0]
+    if label not in models.models:
+        raise UserError(f"{models.path}: no model labelled {label!r} (labels: "
+                        f"{', '.join(labels[:10])})")
+    model = models.models[label]
+    if type(model).kind != "gmm":
+        raise UserError(f"{models.path}: holds {type(model).kind} models; per-frame "
+                        "log-likelihoods are those of a GMM")
+    one = {label: model}
+    if is_rspecifier(features):
+        utterances = ((utt_id, feats) for utt_id, (_, feats) in
+                      _with_ids(one, features))
+    elif Path(features).is_dir():
+        shard = _data_dir_shard(one, models.path, features)
+        utterances = ((u.utt_id, shard.read(u)) for u in shard.utts)
+    else:
+        raise UserError(f"{features}: no such data dir; FEATURES is a Kaldi data dir or an "
+                        "rspecifier like scp:feats.scp or ark:feats.ark")
+    scorer = Scorer(make_kernel(model, options), options.chunk_size)
+    with one_blas_thread():
+        for utt_id, feats in utterances:
+            yield utt_id, scorer.frame_log_likelihood(feats)
