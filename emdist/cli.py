@@ -592,6 +592,7 @@ def export(
 def _export(model: Path, kaldi_out: Path | None, binary: bool, label: str | None,
             all_dir: Path | None) -> None:
     from emdist.errors import UserError
+    from emdist.io.expdir import check_file_label
     from emdist.io.kaldi import write_kaldi_model
     from emdist.io.modelio import load_models
 
@@ -601,8 +602,7 @@ def _export(model: Path, kaldi_out: Path | None, binary: bool, label: str | None
         raise UserError(f"{model}: holds {kind} models; Kaldi model files hold GMMs")
     if all_dir is not None:
         for name in models:
-            if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-                raise UserError(f"{model}: label {name!r} cannot name a file in {all_dir}")
+            check_file_label(name, all_dir)
         for name, gmm in sorted(models.items()):
             write_kaldi_model(Path(all_dir) / f"{name}.mdl", gmm, binary=binary)
         log.info("wrote %d Kaldi models to %s", len(models), all_dir)

@@ -96,6 +96,7 @@ def test_est_writes_binary_kaldi_by_default(tmp_path):
 
 
 def run_shell(script: str, cwd: Path) -> None:
+    """Run a bash script in ``cwd``; ``emdist`` in it is this interpreter's emdist."""
     script = script.replace("emdist ", " ".join(emdist_command()) + " ")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
@@ -345,3 +346,70 @@ def test_truncated_accumulators_are_one_line_errors(tmp_path):
     cut.write_bytes(raw[: len(raw) // 2])
     one_line_error(invoke("est", MODEL, cut, tmp_path / "o.mdl"), str(cut))
     one_line_error(invoke("sum-accs", tmp_path / "s", cut, cut), str(cut))
+
+
+@pytest.mark.parametrize("label", ["a/b", "..", ".", "x\\y"])
+def test_labels_that_cannot_name_files_are_refused(tmp_path, label):
+    from emdist.io.modelio import save_models
+
+    gmm = read_kaldi_model(MODEL)
+    save_models(tmp_path / "m.mdl", {label: gmm, "ok": gmm})
+    one_line_error(invoke("export", tmp_path / "m.mdl", "--all", tmp_path / "out"),
+                   repr(label), "cannot name a file")
+    assert not (tmp_path / "out" / "ok.mdl").exists()  # checked before anything is written
+
+
+# -- the README's recipe fragment ----------------------------------------------------------
+
+RUN_PL = r"""#!/usr/bin/env bash
+# run.pl JOB=1:N LOG CMD...: each job in turn, JOB replaced in LOG and CMD (Kaldi's run.pl)
+range=${1#JOB=}; shift; log=$1; shift
+for j in $(seq "${range%:*}" "${range#*:}"); do
+  args=(); for a in "$@"; do args+=("${a//JOB/$j}"); done
+  mkdir -p "$(dirname "${log//JOB/$j}")"
+  "${args[@]}" > "${log//JOB/$j}" 2>&1 || { cat "${log//JOB/$j}" >&2; exit 1; }
+done
+"""
+
+SPLIT_DATA = r"""#!/usr/bin/env bash
+# utils/split_data.sh DATA N: N contiguous parts of DATA/feats.scp in DATA/splitN/JOB
+data=$1; n=$2; total=$(wc -l < "$data/feats.scp")
+for j in $(seq "$n"); do mkdir -p "$data/split$n/$j"; done
+awk -v n="$n" -v t="$total" -v d="$data/split$n" \
+  '{ print > (d "/" (int((NR - 1) * n / t) + 1) "/feats.scp") }' "$data/feats.scp"
+"""
+
+
+def readme_recipe() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```bash\nnj=4; dir=exp/ubm")
+    return text[start + len("```bash\n"): text.index("```", start + 3)]
+
+
+def test_readme_kaldi_recipe_runs(tmp_path, train_data):
+    """The README's fragment, with stand-ins for Kaldi's run.pl, split_data.sh and
+    gmm-global-copy (which reads the final model here through emdist's Kaldi reader)."""
+    (tmp_path / "data").mkdir()
+    write_scp(tmp_path / "data" / "feats.scp", train_data.utts)
+    (tmp_path / "data" / "train").mkdir()
+    (tmp_path / "data" / "train" / "feats.scp").write_text(
+        (tmp_path / "data" / "feats.scp").read_text())
+    for name, body in (("run.pl", RUN_PL), ("utils/split_data.sh", SPLIT_DATA)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(body)
+        (tmp_path / name).chmod(0o755)
+    (tmp_path / "exp" / "ubm").mkdir(parents=True)
+    (tmp_path / "exp" / "ubm" / "0.ubm").write_bytes(
+        (KALDI_MODELS / "diag_digits_k8.kaldi.bin").read_bytes())
+    run_shell(f"""
+        cmd=./run.pl
+        gmm-global-copy() {{ emdist import "$2" copied.mdl; }}
+        {readme_recipe()}
+    """, tmp_path)
+    first = read_kaldi_model(tmp_path / "exp" / "ubm" / "0.ubm")
+    last = read_kaldi_model(tmp_path / "exp" / "ubm" / "4.ubm")
+    assert (tmp_path / "exp" / "ubm" / "4.ubm").read_bytes().startswith(b"\0B<DiagGMM>")
+    assert list(load_models(tmp_path / "copied.mdl")) == ["global"]
+    frames = np.concatenate([read_utterance(u) for u in train_data.utts[::10]])
+    assert scipy_frame_likes(last, frames).mean() > scipy_frame_likes(first, frames).mean()
+    assert (tmp_path / "exp" / "ubm" / "log" / "acc.3.4.log").is_file()

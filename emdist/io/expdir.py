@@ -40,6 +40,13 @@ def _stamp(t: float) -> str:
     return time.strftime("%a %b %d %H:%M:%S %Z %Y", time.localtime(t))
 
 
+def check_file_label(label: str, directory: str | Path) -> None:
+    """A model's label names a file or directory in ``directory`` (``kaldi/<label>/``,
+    ``export --all DIR``): no path separator, NUL, ``.`` or ``..``; UserError otherwise."""
+    if label in (".", "..") or "/" in label or "\\" in label or "\0" in label:
+        raise UserError(f"label {label!r} cannot name a file in {directory}")
+
+
 class ExpDir:
     """Paths and atomic writers of one experiment directory."""
 
@@ -105,8 +112,7 @@ class ExpDir:
             write_kaldi_model(self.kaldi_path(label, f"{name}.mdl"), gmm, binary=binary)
 
     def _kaldi_label_dir(self, label: str) -> None:
-        if label in (".", "..") or "/" in label or "\\" in label or "\0" in label:
-            raise UserError(f"label {label!r} cannot name a directory in {self.kaldi_dir}")
+        check_file_label(label, self.kaldi_dir)
         try:
             (self.kaldi_dir / label).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
