@@ -404,6 +404,10 @@ def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: d
             log.info("dashboard: %s", backend.dashboard_link())
         train(data, config, backend, ExpDir(exp_dir), on_record=_record_printer(progress),
               progress=progress, **run)
+        if progress is not None and progress.is_terminal:
+            from emdist.progress import summary_table
+
+            progress.console.print(summary_table(ExpDir(exp_dir).read_metrics()))
     except WriteFailure as exc:  # say what the full (or read-only) disk left intact
         raise exc.with_kept(ExpDir(exp_dir).kept()) from None
     except ClusterLost as exc:  # and what a lost scheduler or lost workers left
@@ -826,6 +830,92 @@ def _frame_likes(model: Path, features: str, likes_out: str, average: bool,
             utts, frames, total = utts + 1, frames + len(likes), total + float(likes.sum())
     log.info("scored %d utterances, %d frames; log-likelihood per frame %.6f", utts, frames,
              total / max(frames, 1))
+
+
+# -- looking at results ----------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A model file (emdist or Kaldi) or an exp dir.")],
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object, for scripts.")]
+    = False,
+    verbose: Verbose = False,
+) -> None:
+    """What a model file or an exp dir holds: model kind, labels, Gaussians, dimension,
+    iterations, final log-likelihood and the latest results."""
+    _setup_logging(verbose, False)
+    _run(verbose, _info, path, json_)
+
+
+def _info(path: Path, as_json: bool) -> None:
+    import json
+
+    from emdist.report.info import describe
+
+    summary = describe(path)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for table in _info_tables(summary):
+        console.print(table)
+
+
+def _info_tables(summary: dict) -> list:
+    from rich.table import Table
+
+    tables = []
+    model = summary.get("model")
+    if model is not None:
+        t = Table(title=f"model {model['path']}", show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column()
+        cov = f", {model['covariance_type']} covariances" if model["covariance_type"] else ""
+        t.add_row("kind", f"{model['kind']}{cov} ({model['file_format']} file)")
+        t.add_row("dimension", str(model["dim"]))
+        labels = model["labels"]
+        shown = ", ".join(labels[:12]) + (f", ... ({len(labels)} in all)"
+                                          if len(labels) > 12 else "")
+        t.add_row("labels", shown)
+        counts = sorted(set(model["components"].values()))
+        per = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        t.add_row("Gaussians", f"{per} per model, {model['total_components']} in all")
+        if "states" in model:
+            states = sorted(set(model["states"].values()))
+            t.add_row("HMM states", ", ".join(map(str, states)))
+        tables.append(t)
+    training = summary.get("training")
+    if training:
+        t = Table(title="training", show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column()
+        total = training.get("num_iters")
+        done = f"{training['iterations']}" + (f" of {total}" if total is not None else "")
+        t.add_row("iterations", done + ("" if training["complete"] else " (not complete)"))
+        if "final_loglike_per_frame" in training:
+            t.add_row("log-likelihood per frame", f"{training['final_loglike_per_frame']:.4f} "
+                      f"over {training['frames']:,} frames")
+            t.add_row("time", f"{training['seconds']:.2f} s")
+            t.add_row("floored / removed", f"{training['floored']} / {training['removed']}")
+        for key, value in sorted(training.get("config", {}).items()):
+            t.add_row(key, str(value))
+        tables.append(t)
+    results = summary.get("results") or []
+    if results:
+        t = Table(title="results", title_justify="left")
+        for column in ("decode", "error rate", "errors / utterances", "log-likelihood/frame"):
+            t.add_column(column)
+        for r in results:
+            rate = f"{100 * r['error_rate']:.2f}%" if "error_rate" in r else "-"
+            errors = f"{r['n_errors']} / {r['n_utts']}" if "n_errors" in r else \
+                f"{r.get('n_utts', '-')} utts"
+            ll = f"{r['loglike_per_frame']:.4f}" if "loglike_per_frame" in r else "-"
+            t.add_row(r["decode"], rate, errors, ll)
+        tables.append(t)
+    return tables
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ log = logging.getLogger("emdist")
 class LineProgress:
     """One line per pass when stderr is not a terminal (logs, batch jobs)."""
 
+    is_terminal = False
+
     def __init__(self) -> None:
         self._title, self._jobs, self._frames, self._done, self._t0 = "", 0, 0, 0, 0.0
         self.last_loglike: float | None = None  # the per-iteration line already says it
@@ -30,7 +32,9 @@ class LineProgress:
 
 
 class BarProgress:
-    """A rich progress bar per pass: jobs done, frames per second."""
+    """A rich progress bar per pass: jobs done, frames per second, elapsed time and ETA."""
+
+    is_terminal = True
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -40,12 +44,14 @@ class BarProgress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
+        self.console = Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-            console=Console(stderr=True), transient=True,
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), console=self.console, transient=True,
         )
         self._task = None
         self._frames = 0
@@ -68,6 +74,26 @@ class BarProgress:
             self._progress.remove_task(self._task)
             self._task = None
         self._progress.stop()
+
+
+def summary_table(records: list[dict]):
+    """The end-of-training table: per iteration, the log-likelihood per frame, its change,
+    Gaussians, floored and removed, and time (a rich Table)."""
+    from rich.table import Table
+
+    table = Table(title="training", title_justify="left")
+    for name in ("iter", "log-likelihood/frame", "change", "Gaussians", "floored", "removed",
+                 "seconds"):
+        table.add_column(name, justify="right")
+    previous = None
+    for r in records:
+        ll = r["loglike_per_frame"]
+        change = "" if previous is None else f"{ll - previous:+.4f}"
+        table.add_row(str(r["iter"]), f"{ll:.4f}", change,
+                      str(sum(r["n_components"].values())), str(r["floored"]),
+                      str(r["removed"]), f"{r['seconds']:.2f}")
+        previous = ll
+    return table
 
 
 def make_progress(quiet: bool):

@@ -90,6 +90,10 @@ def decide(scores: Mapping[str, float]) -> tuple[str, float]:
     return labels[best], float(values[best])
 
 
+def _finite(score: float) -> float | None:
+    return float(score) if np.isfinite(score) else None
+
+
 def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
              options: EStepOptions | None = None, best_path: bool = False) -> Results:
     """Recognise every utterance of ``data`` (the model with the highest score) and compare
@@ -106,7 +110,8 @@ def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
         confusion[index[utt.label], index[hyp]] += 1
         # no model can align an utterance (an HMM, fewer frames than states): score null
         utts.append({"utt": utt.utt_id, "ref": utt.label, "hyp": hyp,
-                     "score": best if np.isfinite(best) else None})
+                     "score": _finite(best),
+                     "scores": {lab: _finite(v) for lab, v in sorted(scores[utt.utt_id].items())}})
     return Results(labels, utts, confusion)
 
 

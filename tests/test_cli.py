@@ -90,7 +90,7 @@ def _check_results(results: dict, data_dir: Path) -> None:
     )
     assert [u["utt"] for u in results["utts"]] == [u.utt_id for u in data.utts]
     for u, utt in zip(results["utts"], data.utts, strict=True):
-        assert set(u) == {"utt", "ref", "hyp", "score"}
+        assert set(u) == {"utt", "ref", "hyp", "score", "scores"}
         assert u["ref"] == utt.label and u["hyp"] in labels
         assert isinstance(u["score"], float)
     assert results["n_errors"] == sum(u["ref"] != u["hyp"] for u in results["utts"])

@@ -18,7 +18,7 @@ NUMERICS = ["emdist.models.gmm", "emdist.models.kernel", "emdist.models.estep",
 # the CLI imports everything inside its commands, lazily).
 LAYERS = ["emdist.errors", "emdist.models", "emdist.data", "emdist.corpora", "emdist.tasks",
           "emdist.io", "emdist.backends", "emdist.engine", "emdist.recognizer",
-          "emdist.progress", "emdist.cli", "emdist"]
+          "emdist.report", "emdist.api", "emdist.progress", "emdist.cli", "emdist"]
 
 
 def _layer(module: str) -> int:

@@ -108,6 +108,11 @@ class IterationRecord:
     removed: int
     n_components: dict
     seconds: float
+    loglike_by_label: dict = field(default_factory=dict)
+    """Per model: the log-likelihood per frame of its own frames under ``iter-1``.mdl."""
+    occupancy: dict = field(default_factory=dict)
+    """Per model: each Gaussian's occupancy (zeroth-order statistic) under ``iter-1``.mdl,
+    to 6 significant digits (an HMM's Gaussians state after state; a codebook's counts)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

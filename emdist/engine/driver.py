@@ -232,6 +232,9 @@ def _iterate(trainer: Trainer, models, start: int, records: list[dict],
             removed=sum(len(r.removed) for r in reports.values()),
             n_components={lab: m.n_components for lab, m in models_next.items()},
             seconds=round(time.time() - t0, 3),
+            loglike_by_label={lab: s.loglike / max(s.frames, 1) for lab, s in stats.items()},
+            occupancy={lab: [float(f"{x:.6g}") for x in getattr(s, "gmm", s).zeroth]
+                       for lab, s in stats.items()},
         )
         records.append(record.to_dict())
         if trainer.exp is not None:

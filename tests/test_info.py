@@ -1,0 +1,145 @@
+"""``emdist info``, the records it reads (per-model log-likelihood and occupancy in
+``metrics.jsonl``, every word's score in ``results.json``) and the end-of-training table."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from helpers import KALDI_MODELS, digits_subset
+from typer.testing import CliRunner
+
+from emdist.cli import app
+from emdist.io.modelio import load_models
+
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def exps(tmp_path_factory):
+    """A word-model run and a --global run on a digits subset, each tested."""
+    root = tmp_path_factory.mktemp("info")
+    train, test = digits_subset(root / "train", "train", 6), digits_subset(root / "test", "test", 2)
+    out = {}
+    for name, extra in (("words", ()), ("ubm", ("--global",))):
+        exp = root / name
+        result = invoke("train", train, exp, "--workers", "0", "--num-gauss", "4",
+                        "--num-iters", "3", *extra)
+        assert result.exit_code == 0, result.output
+        result = invoke("test", exp, test, "--workers", "0")
+        assert result.exit_code == 0, result.output
+        out[name] = exp
+    return out
+
+
+def records(exp):
+    return [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_hold_each_models_loglike_and_occupancy(exps):
+    for name, exp in exps.items():
+        models = load_models(exp / "final.mdl")
+        for r in records(exp):
+            assert set(r["loglike_by_label"]) == set(r["occupancy"]) == set(models)
+            # soft posteriors of a frame add up to one: occupancies add up to the frames
+            total = sum(sum(occ) for occ in r["occupancy"].values())
+            assert total == pytest.approx(r["frames"], rel=1e-5)
+            if name == "ubm":
+                assert r["loglike_by_label"]["global"] == pytest.approx(r["loglike_per_frame"])
+            else:  # the frame-weighted mean of the models' values is the overall value
+                frames = {lab: sum(occ) for lab, occ in r["occupancy"].items()}
+                mean = sum(r["loglike_by_label"][lab] * frames[lab] for lab in frames)
+                assert mean / r["frames"] == pytest.approx(r["loglike_per_frame"], rel=1e-6)
+        # occupancy of the last pass: one value per Gaussian of the model it started from
+        last = records(exp)[-1]
+        before = load_models(exp / f"{last['iter'] - 1}.mdl")
+        assert {lab: len(v) for lab, v in last["occupancy"].items()} == \
+            {lab: m.n_components for lab, m in before.items()}
+
+
+def test_results_hold_every_words_score(exps):
+    results = json.loads((exps["words"] / "decode_test" / "results.json").read_text())
+    for u in results["utts"]:
+        assert set(u["scores"]) == set(results["labels"])
+        best = max(results["labels"], key=lambda lab: u["scores"][lab])
+        assert u["hyp"] == best and u["score"] == u["scores"][best]
+
+
+def test_info_json_of_an_exp_dir(exps):
+    for name, exp in exps.items():
+        result = invoke("info", exp, "--json")
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.output)
+        models = load_models(exp / "final.mdl")
+        metrics = records(exp)
+        assert info["type"] == "exp_dir"
+        assert info["model"]["labels"] == sorted(models)
+        assert info["model"]["components"] == {k: m.n_components for k, m in models.items()}
+        assert info["model"]["dim"] == 39 and info["model"]["kind"] == "gmm"
+        assert info["training"]["iterations"] == len(metrics) == 3
+        assert info["training"]["complete"] is True
+        assert info["training"]["final_loglike_per_frame"] == metrics[-1]["loglike_per_frame"]
+        (decode,) = info["results"]
+        results = json.loads((exp / "decode_test" / "results.json").read_text())
+        assert decode["decode"] == "decode_test"
+        if name == "words":
+            assert decode["n_errors"] == results["n_errors"]
+            assert decode["error_rate"] == results["error_rate"]
+        else:
+            assert decode["loglike_per_frame"] == results["loglike_per_frame"]
+
+
+def test_info_of_model_files_emdist_and_kaldi(exps):
+    for path, fmt in ((exps["ubm"] / "final.mdl", "emdist"),
+                      (KALDI_MODELS / "full_small.kaldi.bin", "kaldi")):
+        result = invoke("info", path, "--json")
+        assert result.exit_code == 0, result.output
+        model = json.loads(result.output)["model"]
+        loaded = load_models(path)["global"]
+        assert model["file_format"] == fmt and model["labels"] == ["global"]
+        assert model["total_components"] == loaded.n_components
+        assert model["covariance_type"] == loaded.covariance_type
+
+
+def test_info_tables_for_people(exps):
+    result = invoke("info", exps["words"])
+    assert result.exit_code == 0, result.output
+    for words in ("model", "Gaussians", "iterations", "3 of 3", "decode_test", "%"):
+        assert words in result.output
+
+
+@pytest.mark.parametrize("what", ["missing", "empty-dir", "not-a-model"])
+def test_info_errors_are_one_line(tmp_path, what):
+    path = {"missing": tmp_path / "nope", "empty-dir": tmp_path,
+            "not-a-model": tmp_path / "x.txt"}[what]
+    if what == "not-a-model":
+        path.write_text("hello\n")
+    result = invoke("info", path)
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emdist: error:") and str(path) in lines[0]
+
+
+def test_summary_table_lists_every_iteration(exps):
+    from rich.console import Console
+
+    from emdist.progress import summary_table
+
+    metrics = records(exps["words"])
+    out = io.StringIO()
+    Console(file=out, width=120).print(summary_table(metrics))
+    text = out.getvalue()
+    rows = [line for line in text.splitlines() if line.strip().startswith("│")]
+    assert len(rows) == len(metrics)
+    for r, row in zip(metrics, rows, strict=True):
+        cells = [c.strip() for c in row.strip("│ ").split("│")]
+        assert int(cells[0]) == r["iter"]
+        assert float(cells[1]) == pytest.approx(r["loglike_per_frame"], abs=1e-4)
+        assert int(cells[3]) == sum(r["n_components"].values())
+    assert np.isfinite([r["loglike_per_frame"] for r in metrics]).all()
