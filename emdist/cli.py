@@ -462,11 +462,11 @@ def test_(
     _setup_logging(verbose, quiet)
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout, None,
                     short_pass)
-    _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj, viterbi)
+    _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj, viterbi, quiet)
 
 
 def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int,
-          viterbi: bool = False) -> None:
+          viterbi: bool = False, quiet: bool = False) -> None:
     from emdist.data.datadir import load_data_dir
     from emdist.errors import UserError, WriteFailure
     from emdist.io.modelio import check_models_fit, load_models
@@ -482,12 +482,16 @@ def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: in
     ubm = set(models) == {GLOBAL_LABEL}
     data = load_data_dir(data_dir or _default_data("test"), require_labels=not ubm)
     check_models_fit(models, data, Path(exp_dir) / model)  # before any worker starts
+    from emdist.progress import make_progress
+
     backend = _backend(*backend_args)
+    progress = make_progress(quiet)
     try:
         if ubm:
-            results = evaluate_global(models[GLOBAL_LABEL], data, backend, nj)
+            results = evaluate_global(models[GLOBAL_LABEL], data, backend, nj,
+                                      progress=progress)
         else:
-            results = evaluate(models, data, backend, nj, best_path=viterbi)
+            results = evaluate(models, data, backend, nj, best_path=viterbi, progress=progress)
     finally:
         backend.close()
     out = Path(exp_dir) / f"decode_{data.name}" / "results.json"

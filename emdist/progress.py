@@ -36,7 +36,7 @@ class BarProgress:
 
     is_terminal = True
 
-    def __init__(self) -> None:
+    def __init__(self, console=None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -47,7 +47,7 @@ class BarProgress:
             TimeRemainingColumn,
         )
 
-        self.console = Console(stderr=True)
+        self.console = console if console is not None else Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),

@@ -59,18 +59,23 @@ class Results:
 
 def score(
     models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
-    options: EStepOptions | None = None, best_path: bool = False,
+    options: EStepOptions | None = None, best_path: bool = False, progress=None,
 ) -> dict[str, dict[str, float]]:
     """Total score of every utterance under every model: ``{utt: {label: score}}``: the
     log-likelihood (an HMM's forward total, or its best path with ``best_path``), or minus
     the distortion for k-means codebooks. The models must fit the data
-    (:func:`emdist.io.modelio.check_models_fit`)."""
+    (:func:`emdist.io.modelio.check_models_fit`). ``progress`` (see
+    :class:`emdist.engine.trainer.Progress`) hears of each scored shard."""
     check_models_fit(models, data)
     shards = [Shard(i, part, tuple(GLOBAL_LABEL for _ in part))
               for i, part in enumerate(split_by_frames(data.utts, nj))]
+    on_done = None
+    if progress is not None:
+        progress.start("score", len(shards), data.num_frames)
+        on_done = lambda j: progress.advance(shards[j].num_frames)  # noqa: E731
     try:
         parts = backend.map(score_shard, shards, dict(models), options or EStepOptions(),
-                            best_path)
+                            best_path, on_done=on_done)
     except JobsFailed as failed:
         first = failed.failures[0]
         kind = UserError if all(isinstance(f.error, UserError) for f in failed.failures) \
@@ -79,6 +84,9 @@ def score(
             f"{len(failed.failures)} / {failed.total} scoring jobs failed; job "
             f"{first.index + 1}: {first.error}"
         ) from None
+    finally:
+        if progress is not None:
+            progress.finish()
     return {utt: scores for part in parts for utt, scores in part}
 
 
@@ -95,12 +103,13 @@ def _finite(score: float) -> float | None:
 
 
 def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
-             options: EStepOptions | None = None, best_path: bool = False) -> Results:
+             options: EStepOptions | None = None, best_path: bool = False,
+             progress=None) -> Results:
     """Recognise every utterance of ``data`` (the model with the highest score) and compare
     with its ``text`` label."""
     if not data.has_text:
         raise UserError(f"{data.path}: no text file; scoring needs reference labels")
-    scores = score(models, data, backend, nj, options, best_path)
+    scores = score(models, data, backend, nj, options, best_path, progress)
     labels = sorted(models)
     index = {lab: i for i, lab in enumerate(labels)}
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
@@ -145,10 +154,10 @@ class LikelihoodResults:
 
 
 def evaluate_global(model, data: DataDir, backend: Backend, nj: int = 8,
-                    options: EStepOptions | None = None) -> LikelihoodResults:
+                    options: EStepOptions | None = None, progress=None) -> LikelihoodResults:
     """Total score of every utterance of ``data`` under one global model (log-likelihood;
     minus the distortion for a k-means codebook)."""
-    scores = score({GLOBAL_LABEL: model}, data, backend, nj, options)
+    scores = score({GLOBAL_LABEL: model}, data, backend, nj, options, progress=progress)
     utts = [{"utt": u.utt_id, "frames": u.num_frames, "score": scores[u.utt_id][GLOBAL_LABEL]}
             for u in data.utts]
     return LikelihoodResults(utts)

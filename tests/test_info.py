@@ -143,3 +143,56 @@ def test_summary_table_lists_every_iteration(exps):
         assert float(cells[1]) == pytest.approx(r["loglike_per_frame"], abs=1e-4)
         assert int(cells[3]) == sum(r["n_components"].values())
     assert np.isfinite([r["loglike_per_frame"] for r in metrics]).all()
+
+
+class RecordingProgress:
+    is_terminal = False
+
+    def __init__(self):
+        self.passes = []
+
+    def start(self, title, n_jobs, n_frames):
+        self.passes.append({"title": title, "jobs": n_jobs, "frames": n_frames, "done": [],
+                            "finished": False})
+
+    def advance(self, n_frames):
+        self.passes[-1]["done"].append(n_frames)
+
+    def finish(self):
+        self.passes[-1]["finished"] = True
+
+
+def test_every_pass_reports_progress_including_scoring(tmp_path):
+    """Training passes and the scoring pass of emdist test tell the progress of each job:
+    every job once, all frames, then finished."""
+    from emdist.backends.serial import SerialBackend
+    from emdist.data.datadir import load_data_dir
+    from emdist.engine import TrainConfig, train
+    from emdist.recognizer import evaluate
+
+    data = load_data_dir(digits_subset(tmp_path / "d", "train", 3))
+    progress = RecordingProgress()
+    models = train(data, TrainConfig(num_gauss=2, num_iters=2, nj=3), SerialBackend(),
+                   progress=progress)
+    evaluate(models, data, SerialBackend(), nj=3, progress=progress)
+    titles = [p["title"] for p in progress.passes]
+    assert titles[-3:] == ["acc 0", "acc 1", "score"]
+    for p in progress.passes:
+        assert p["finished"] and len(p["done"]) == p["jobs"] == 3
+        assert sum(p["done"]) == p["frames"] == data.num_frames
+
+
+def test_progress_bar_shows_rate_and_eta(tmp_path):
+    from rich.console import Console
+
+    from emdist.progress import BarProgress
+
+    out = io.StringIO()
+    bar = BarProgress(Console(file=out, force_terminal=True, width=150))
+    bar.start("acc 3", 4, 4000)
+    for _ in range(4):
+        bar.advance(1000)
+    bar._progress.refresh()
+    text = out.getvalue()
+    bar.finish()
+    assert "acc 3" in text and "4/4" in text and "frames/s" in text and "eta" in text
