@@ -47,6 +47,8 @@ _EXPORTS = {
     "EmdistError": "emdist.errors",
     "UserError": "emdist.errors",
     "RuntimeFailure": "emdist.errors",
+    "GaussianMixture": "emdist.api",
+    "WordRecognizer": "emdist.api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
