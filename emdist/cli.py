@@ -251,6 +251,9 @@ ShortPass = Annotated[float, typer.Option(
 Nj = Annotated[int, typer.Option(help="Number of shards (jobs); independent of --workers.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+Plots = Annotated[bool, typer.Option(
+    "--plots", help="Also write EXP_DIR/plots/*.png at the end (needs matplotlib: "
+    'pip install "emdist[plot]").')]
 
 
 @app.command()
@@ -345,6 +348,7 @@ def train(
     kaldi_binary: Annotated[bool, typer.Option(
         "--kaldi-binary/--kaldi-text", help="Kaldi files in binary (Kaldi's default) or "
         "text.")] = True,
+    plots: Plots = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -370,7 +374,11 @@ def train(
                     dashboard_address, short_pass)
     run = dict(stage=stage, overwrite=overwrite, feature_cache=feature_cache.value, quiet=quiet,
                kaldi=(write_kaldi_accs, write_kaldi_model, kaldi_binary))
+    if plots:
+        _check_plots()
     _run(verbose, _train, data_dir, exp_dir, options, given, estep, mstep, backend_args, run)
+    if plots:
+        _run(verbose, _plot, exp_dir)
 
 
 def _train(data_dir, exp_dir, options, given, estep, mstep, backend_args, run: dict) -> None:
@@ -451,6 +459,7 @@ def test_(
     wait_timeout: WaitTimeout = 60.0,
     short_pass: ShortPass = 0.2,
     nj: Nj = 8,
+    plots: Plots = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -462,7 +471,11 @@ def test_(
     _setup_logging(verbose, quiet)
     backend_args = (workers, scheduler, scheduler_file, wait_workers, wait_timeout, None,
                     short_pass)
+    if plots:
+        _check_plots()
     _run(verbose, _test, exp_dir, data_dir, model, backend_args, nj, viterbi, quiet)
+    if plots:
+        _run(verbose, _plot, exp_dir)
 
 
 def _test(exp_dir: Path, data_dir: Path | None, model: str, backend_args, nj: int,
@@ -837,6 +850,51 @@ def _frame_likes(model: Path, features: str, likes_out: str, average: bool,
 
 
 # -- looking at results ----------------------------------------------------------------------
+
+@app.command()
+def plot(
+    exp_dir: Annotated[Path, typer.Argument(help="Experiment dir (after emdist train, and "
+                                            "emdist test for confusion matrices).")],
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write PNG plots into EXP_DIR/plots/: log-likelihood by iteration per model, each
+    decode's confusion matrix, component weights and occupancies."""
+    _setup_logging(verbose, quiet)
+    _run(verbose, _plot, exp_dir)
+
+
+def _check_plots() -> None:
+    """--plots without matplotlib fails before any work, with how to install it."""
+    from emdist.report.plots import require_matplotlib
+
+    _run(False, require_matplotlib)
+
+
+def _plot(exp_dir: Path) -> None:
+    from emdist.report.plots import write_plots
+
+    for path in write_plots(exp_dir):
+        log.info("wrote %s", path)
+
+
+@app.command()
+def report(
+    exp_dir: Annotated[Path, typer.Argument(help="Experiment dir.")],
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write EXP_DIR/report.html: one self-contained page (images embedded) with the
+    configuration, the iterations, the plots, the results and the misrecognised
+    utterances with their scores against every word."""
+    _setup_logging(verbose, quiet)
+    _run(verbose, _report, exp_dir)
+
+
+def _report(exp_dir: Path) -> None:
+    from emdist.report.html import write_report
+
+    log.info("wrote %s", write_report(exp_dir))
 
 
 @app.command()

@@ -196,3 +196,49 @@ def test_progress_bar_shows_rate_and_eta(tmp_path):
     text = out.getvalue()
     bar.finish()
     assert "acc 3" in text and "4/4" in text and "frames/s" in text and "eta" in text
+
+
+# -- plot, report and --plots through the CLI ------------------------------------------------
+
+
+def test_plot_and_report_commands(exps):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the plot extra)")
+    for name, exp in exps.items():
+        result = invoke("plot", exp)
+        assert result.exit_code == 0, result.output
+        want = {"loglike.png", "confusion_decode_test.png", "occupancy.png"} if \
+            name == "words" else {"loglike.png", "weights.png", "occupancy.png"}
+        assert {p.name for p in (exp / "plots").iterdir()} == want
+        for png in (exp / "plots").iterdir():
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        result = invoke("report", exp)
+        assert result.exit_code == 0, result.output
+        html = (exp / "report.html").read_text()
+        assert html.count("data:image/png;base64,") == len(want)
+
+
+def test_train_and_test_with_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the plot extra)")
+    data = digits_subset(tmp_path / "d", "train", 2)
+    exp = tmp_path / "exp"
+    result = invoke("train", data, exp, "--workers", "0", "--num-gauss", "2", "--num-iters",
+                    "2", "--plots")
+    assert result.exit_code == 0, result.output
+    assert (exp / "plots" / "loglike.png").is_file()
+    assert not (exp / "plots" / "confusion_decode_d.png").exists()
+    result = invoke("test", exp, data, "--workers", "0", "--plots")
+    assert result.exit_code == 0, result.output
+    assert (exp / "plots" / "confusion_decode_d.png").is_file()
+
+
+def test_plots_without_matplotlib_fail_first_in_one_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    exp = tmp_path / "exp"
+    result = invoke("train", digits_subset(tmp_path / "d", "train", 2), exp, "--workers", "0",
+                    "--num-iters", "1", "--plots")
+    assert result.exit_code == 2
+    assert result.output.strip() == 'emdist: error: plots need matplotlib: pip install ' \
+        '"emdist[plot]"'
+    assert not exp.exists()  # nothing trained
