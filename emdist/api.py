@@ -53,8 +53,7 @@ import numpy as np
 from emdist.backends.serial import SerialBackend
 from emdist.data.datadir import DataDir, Utterance, load_data_dir, parse_rxfilename
 from emdist.engine.config import TrainConfig
-from emdist.engine.driver import _iterate, train
-from emdist.engine.trainer import Trainer, make_shards
+from emdist.engine.driver import train
 from emdist.errors import UserError
 from emdist.io.modelio import save_models
 from emdist.models.estep import EStepOptions
@@ -62,7 +61,7 @@ from emdist.models.gmm import GMM
 from emdist.models.kernel import Kernel, expand_features
 from emdist.models.mstep import MStepOptions
 from emdist.recognizer import decide, evaluate, score
-from emdist.tasks import GLOBAL_LABEL, MAX_ABS_FEATURE, LoadedShard, one_blas_thread
+from emdist.tasks import GLOBAL_LABEL, MAX_ABS_FEATURE, LoadedShard
 
 __all__ = ["ConvergenceWarning", "GaussianMixture", "NotFittedError", "WordRecognizer"]
 
@@ -319,16 +318,8 @@ def _run_engine(data: DataDir, config: TrainConfig, backend, feature_cache: str,
     def record(rec) -> None:
         history.append(rec.loglike_per_frame)
 
-    if initial is None:
-        models = train(data, config, backend, on_record=record, feature_cache=feature_cache)
-        return models, history
-    with one_blas_thread():
-        shards = make_shards(data, config.nj, config.global_mode, config.subsample)
-        trainer = Trainer(shards, data.dim, config, backend, None, record, feature_cache)
-        backend.check_paths(sorted({parse_rxfilename(u.rxfilename)[0] for u in data.utts}))
-        trainer.validate()
-        earlier = [{"iter": 0, "loglike_per_frame": float(v)} for v in prior]
-        models = _iterate(trainer, dict(initial), 0, earlier)
+    models = train(data, config, backend, on_record=record, feature_cache=feature_cache,
+                   initial=initial, history=prior)
     return models, history
 
 

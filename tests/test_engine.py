@@ -51,6 +51,8 @@ METRIC_KEYS = {
     "removed",
     "n_components",
     "seconds",
+    "loglike_by_label",
+    "occupancy",
 }
 
 

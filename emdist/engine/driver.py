@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from emdist.backends.base import Backend
@@ -76,6 +76,8 @@ def train(
     feature_cache: str = "auto",
     progress: Progress | None = None,
     kaldi: KaldiFiles | None = None,
+    initial: dict | None = None,
+    history: Sequence[float] = (),
 ) -> dict:
     """Train one model per label (or one ``global`` model) by EM, of the kind
     ``config.model`` (a GMM by default; see :mod:`emdist.models.kind`).
@@ -102,6 +104,12 @@ def train(
     kaldi : KaldiFiles, optional
         Also write each iteration's statistics as Kaldi accumulators and the final models
         as Kaldi model files, in ``exp``'s ``kaldi/<label>/`` (GMMs only).
+    initial : dict, optional
+        Models to start EM from instead of the kind's initialisation (``0.mdl``); a run
+        resumed from ``exp`` starts from its last model instead.
+    history : sequence of float
+        Log-likelihoods per frame of earlier iterations (a warm start), which the
+        convergence test (``config.tol``) sees before this run's.
 
     Returns
     -------
@@ -118,7 +126,7 @@ def train(
             raise UserError("Kaldi files are written into an exp dir; give one")
     with one_blas_thread():
         models = _train(data, config, backend, exp, stage, overwrite, on_record, feature_cache,
-                        progress, kaldi)
+                        progress, kaldi, initial, tuple(history))
         if kaldi is not None and kaldi.model:
             exp.write_kaldi_models("final", models, kaldi.binary)
             log.info("wrote the final models as Kaldi files in %s", exp.kaldi_dir)
@@ -137,7 +145,7 @@ class KaldiFiles:
 
 
 def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cache, progress,
-           kaldi):
+           kaldi, initial, history):
     shards = make_shards(data, config.nj, config.global_mode, config.subsample)
     labels = sorted({key for s in shards for key in s.keys})
     trainer = Trainer(shards, data.dim, config, backend, exp, on_record, feature_cache, progress)
@@ -150,7 +158,10 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
         return exp.load_model("final")
     trainer.validate(tuple(BadUtterance(u.utt_id, u.rxfilename, "has no frames")
                            for u in data.empty))
-    if models is None:
+    if models is None and initial is not None:
+        models, start = dict(initial), 0
+        _save(exp, 0, models)
+    elif models is None:
         t0 = time.time()
         models = get_kind(config.model).initialize(trainer, labels)
         _save(exp, 0, models)
@@ -166,7 +177,7 @@ def _train(data, config, backend, exp, stage, overwrite, on_record, feature_cach
     elif config.gselect:
         log.info("--gselect %d selects every Gaussian of %d: exact EM", config.gselect,
                  config.num_gauss)
-    return _iterate(trainer, models, start, records, kaldi)
+    return _iterate(trainer, models, start, records, kaldi, history)
 
 
 def _resume(trainer: Trainer, stage: int | None, overwrite: bool, data: DataDir):
@@ -210,11 +221,12 @@ def _mstep_options(cfg: TrainConfig, i: int) -> MStepOptions:
 
 
 def _iterate(trainer: Trainer, models, start: int, records: list[dict],
-             kaldi: KaldiFiles | None = None) -> dict:
+             kaldi: KaldiFiles | None = None, history: tuple[float, ...] = ()) -> dict:
     cfg = trainer.config
     # float32 products round each frame's log-likelihood at about 1e-7 relative
     rtol = 1e-6 if cfg.estep.dtype == "float32" else 1e-7
-    monitor = ConvergenceMonitor(cfg.tol, [r["loglike_per_frame"] for r in records], rtol)
+    monitor = ConvergenceMonitor(cfg.tol, [*history, *(r["loglike_per_frame"] for r in records)],
+                                 rtol)
     i = start
     while i < cfg.num_iters and not monitor.converged:
         t0 = time.time()
