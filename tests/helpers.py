@@ -243,3 +243,20 @@ def kill_driver_after(train_args: Sequence, exp: Path, model: str = "3.mdl",
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert (exp / model).exists() and not (exp / "final.mdl").exists(), "kill came too late"
+
+
+def corrupt_and_read(reader, sources: Sequence[bytes], path: Path, rng, times: int) -> None:
+    """Write ``times`` copies of random ``sources`` with 1-3 random bytes changed to ``path``
+    and read each with ``reader``: it succeeds or raises a one-line UserError naming
+    ``path``, never another exception."""
+    from emdist.errors import UserError
+
+    for _ in range(times):
+        data = bytearray(sources[rng.integers(len(sources))])
+        for _ in range(rng.integers(1, 4)):
+            data[rng.integers(len(data))] = rng.integers(256)
+        path.write_bytes(bytes(data))
+        try:
+            reader(path)
+        except UserError as exc:
+            assert str(path) in str(exc) and "\n" not in str(exc)

@@ -307,14 +307,16 @@ class _Reader:
         return full
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limit: int = -1) -> bytes:
+    """The file's bytes (the first ``limit``); a missing or unreadable file is a UserError."""
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            return fh.read(limit)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a Kaldi model file") from None
+        raise UserError(f"{path}: is a directory, not a Kaldi model or accumulator file") \
+            from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -653,16 +655,7 @@ def kaldi_file_kind(path: str | os.PathLike) -> str | None:
     """``"model"`` for a Kaldi ``<DiagGMM>``/``<FullGMM>`` file, ``"accs"`` for Kaldi
     accumulators (``<GMMACCS>``, diag or full), None for anything else (e.g. an emdist
     file), by the first token, text or binary. A missing or unreadable file is a UserError."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a model or statistics file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    head = _read_bytes(Path(path), 64)
     body = head[2:] if head.startswith(_BINARY_HEADER) else head
     words = body.split(None, 1)
     first = words[0] if words else b""
