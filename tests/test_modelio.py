@@ -237,3 +237,22 @@ def test_newer_format_version_is_a_user_error(tmp_path, kind):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "nope.mdl")):
         load_models(tmp_path / "nope.mdl")
+
+
+def test_atomic_writes_make_files_like_any_new_file(tmp_path):
+    """Models, results and plots get mode 0666 less the umask (mkstemp's 0600 would hide
+    them from the group), and no temporary file is left."""
+    import os
+
+    from emdist.io.modelio import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.mdl", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b.mdl", b"y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.mdl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.mdl").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mdl", "b.mdl"]

@@ -23,8 +23,8 @@ import json
 import lzma
 import math
 import os
+import secrets
 import struct
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -44,6 +44,14 @@ FORMAT_VERSION = 1
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
+def open_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, ``.NAME.PID.HEX.tmp`` (exp dirs sweep such
+    names after a kill), created like any new file (mode 0666 less the umask, where
+    ``mkstemp`` would give 0600): its descriptor, open for writing, and its path."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename: ``path``
     holds its old content or the new one, never a part. A file-system error (no space, no
@@ -52,7 +60,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = open_temp(path)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import struct
 import sys
 import warnings
@@ -46,6 +45,7 @@ from kaldiio.utils import MultiFileDescriptor, open_like_kaldi
 from emdist.data.datadir import load_feats, parse_rxfilename
 from emdist.errors import DataError, EmdistWarning, UserError, WriteFailure
 from emdist.io.kaldi import _bin_vector, _num, _text_vector
+from emdist.io.modelio import open_temp
 
 RSPECIFIER_USAGE = ("FEATURES is a data dir or a Kaldi rspecifier like scp:feats.scp or "
                     "ark:feats.ark")
@@ -324,10 +324,8 @@ class _Output:
                             "write to a file or to '-' and pipe that")
         if os.path.isdir(path):
             raise UserError(f"{spec}: cannot write {path}: it is a directory; give a file name")
-        target = Path(path)
-        tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:  # os.open with 0o666 so the umask applies, as for any new file
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            fd, tmp = open_temp(Path(path))
         except OSError as exc:
             raise UserError(f"{spec}: cannot write {path}: {exc.strerror or exc}; check that "
                             "its directory exists and is writable") from None
