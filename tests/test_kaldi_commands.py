@@ -413,3 +413,24 @@ def test_readme_kaldi_recipe_runs(tmp_path, train_data):
     frames = np.concatenate([read_utterance(u) for u in train_data.utts[::10]])
     assert scipy_frame_likes(last, frames).mean() > scipy_frame_likes(first, frames).mean()
     assert (tmp_path / "exp" / "ubm" / "log" / "acc.3.4.log").is_file()
+
+
+def test_full_covariance_models_go_through_the_commands(tmp_path, train_data):
+    """fgmm-global-* files: a Kaldi <FullGMM> in, full accumulators (<FULLVARACCS>, stored
+    centred) between the commands, a <FullGMM> out equal to the update of emdist's own
+    statistics to float32 precision."""
+    from emdist.models.mstep import MStepOptions, m_step
+
+    model = KALDI_MODELS / "full_digits_k4.kaldi.txt"
+    scp = write_scp(tmp_path / "f.scp", train_data.utts)
+    for out, extra in (("k.acc", ("--kaldi-accs", "--binary=false")), ("e.stats", ())):
+        result = invoke("acc-stats", model, f"scp:{scp}", tmp_path / out, *extra)
+        assert result.exit_code == 0, result.output
+    assert b"<FULLVARACCS>" in (tmp_path / "k.acc").read_bytes()
+    result = invoke("est", model, tmp_path / "k.acc", tmp_path / "new.mdl", "--binary=false",
+                    "--min-gaussian-occupancy=200")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new.mdl").read_bytes().startswith(b"<FullGMM>")
+    want, _ = m_step(load_stats(tmp_path / "e.stats")["global"],
+                     MStepOptions(min_gaussian_occupancy=200), read_kaldi_model(model))
+    assert_gmm_close(read_kaldi_model(tmp_path / "new.mdl"), want, rtol=1e-5)
