@@ -372,50 +372,52 @@ def profile_hmm(model_file: Path, pieces, estep_options, top: int) -> dict:
 
 def hmm_phases(model_file: Path, corpus: Corpus) -> dict:
     """Seconds of the phases of one ``accumulate_hmms`` pass, re-enacted with its private
-    helpers (emdist.models.hmm ``_groups``, ``_stack``, ``forward_backward``): emissions
-    (expanded frames, Gaussian log-likelihoods, per-state log-emissions), padding into one
-    batch, forward-backward, and the posterior-weighted moments; plus the padding (slots /
-    frames) and the steps of the loops over time. ``{"error": ...}`` if those helpers
-    changed."""
+    helpers (emdist.models.hmm ``_plan``, ``_batches``, ``_Emissions``, ``_fb``): emissions
+    (frames copied, expanded and centred, the Gaussians' scores, per-state log-emissions and
+    within-state posteriors), forward-backward (compiled, over the batch's utterances laid
+    end to end), and moments (the Gaussians' posteriors, the moments' products). Also the
+    batches and the utterances per batch. ``{"error": ...}`` if those helpers changed."""
     import emdist
     from emdist.models import hmm as H
+    from emdist.models import hmm_kernels as HK
 
     try:
         models = emdist.load_models(model_file)
-        utts = {k: corpus.utts[k] for k in corpus.labels}
-        phases = dict.fromkeys(("emissions", "stack", "forward_backward", "moments"), 0.0)
-        steps = slots = frames = groups = 0
-        groups_iter = H._groups(models, utts, H.DEFAULT_BATCH_FRAMES)
+        phases = dict.fromkeys(("emissions", "forward_backward", "moments"), 0.0)
+        batches = utts = 0
+        emissions = H._Emissions()
         t_all = time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            group = next(groups_iter, None)
-            t1 = time.perf_counter()
-            phases["emissions"] += t1 - t0
-            if group is None:
-                break
-            log_b, lengths, log_trans, rows = H._stack(models, group)
-            t2 = time.perf_counter()
-            gamma, _, _ = H.forward_backward(log_b, lengths, log_trans)
-            t3 = time.perf_counter()
-            for (label, batch), (lo, hi) in zip(group, rows, strict=True):
-                owner = models[label].component_state()
-                occ = gamma[lo:hi][batch.utt, batch.time]
-                (batch.within * occ[:, owner]).T @ batch.z
-            t4 = time.perf_counter()
-            phases["stack"] += t2 - t1
-            phases["forward_backward"] += t3 - t2
-            phases["moments"] += t4 - t3
-            groups += 1
-            steps += log_b.shape[1]
-            slots += log_b.shape[0] * log_b.shape[1]
-            frames += int(lengths.sum())
+        for label in corpus.labels:
+            model = models[label]
+            plan = H._plan(model)
+            moments = np.zeros((plan.kernel.width, model.n_components))
+            for batch in H._batches(corpus.utts[label], model.dim, H.DEFAULT_BATCH_FRAMES):
+                t0 = time.perf_counter()
+                n, bounds = emissions.load(plan, batch)
+                t1 = time.perf_counter()
+                b = len(batch)
+                gamma = np.empty_like(emissions.log_b)
+                per_utt, total = np.empty((b, *model.transitions.shape)), np.empty(b)
+                H._fb(emissions.log_b, bounds, np.zeros(b, dtype=np.int64), plan.topology,
+                      gamma, per_utt, total)
+                t2 = time.perf_counter()
+                weight = np.multiply(gamma.T, emissions.norm, out=emissions.norm)
+                HK.weigh_by_state(emissions.scores, plan.owner, weight)
+                for start in range(0, n, H.DEFAULT_CHUNK_SIZE):
+                    stop = min(start + H.DEFAULT_CHUNK_SIZE, n)
+                    moments += emissions.rows(start, stop) @ emissions.scores[:, start:stop].T
+                t3 = time.perf_counter()
+                phases["emissions"] += t1 - t0
+                phases["forward_backward"] += t2 - t1
+                phases["moments"] += t3 - t2
+                batches += 1
+                utts += b
         total = time.perf_counter() - t_all
     except (AttributeError, TypeError, ValueError) as err:  # the private helpers changed
         return {"error": f"{type(err).__name__}: {err}"}
     return {"seconds": phases, "total": total,
-            "shares": {k: v / total for k, v in phases.items()}, "groups": groups,
-            "time_steps": steps, "padded_slots_per_frame": slots / max(frames, 1),
+            "shares": {k: v / total for k, v in phases.items()}, "batches": batches,
+            "utts_per_batch": utts / max(batches, 1),
             "batch_frames": H.DEFAULT_BATCH_FRAMES}
 
 
@@ -584,17 +586,17 @@ def format_tables(report: dict) -> list[str]:
     phased = [r for r in report["results"] if "seconds" in r.get("profile", {}).get(
         "phases", {})]
     if phased:
-        lines += ["", "| corpus | S×K | emissions s | padding s | forward-backward s | "
-                  "moments s | total s | padded slots / frame | time steps |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| corpus | S×K | emissions s | forward-backward s | moments s | "
+                  "total s | batches | utterances / batch |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in phased:
             ph = r["profile"]["phases"]
             sec, sh = ph["seconds"], ph["shares"]
             cells = " | ".join(f"{sec[k]:.3f} ({100 * sh[k]:.0f} %)" for k in
-                               ("emissions", "stack", "forward_backward", "moments"))
+                               ("emissions", "forward_backward", "moments"))
             lines.append(f"| {Path(r['corpus']).name} | {r['states']}×{r['gauss']} | {cells} "
-                         f"| {ph['total']:.3f} | {ph['padded_slots_per_frame']:.2f} | "
-                         f"{ph['time_steps']:,} |")
+                         f"| {ph['total']:.3f} | {ph['batches']:,} | "
+                         f"{ph['utts_per_batch']:.1f} |")
     notes = [r["hmmlearn"]["note"] for r in checks if "note" in r["hmmlearn"]]
     if notes:
         lines += [""] + [f"\\* {Path(r['corpus']).name} {r['states']}×{r['gauss']}: "

@@ -191,6 +191,53 @@ def test_forward_backward_and_viterbi_match_brute_force(n_states, skip, exit):
         assert one[2][0] == pytest.approx(total[b], rel=1e-14)
 
 
+@pytest.mark.parametrize("exit", [False, True])
+def test_any_topology_matches_brute_force(exit):
+    """A model that is not left-to-right (every transition allowed, backwards too): the
+    compiled loops run on lists of allowed transitions instead of bands."""
+    rng = np.random.default_rng(7 + exit)
+    s = 3
+    mask = np.ones((s, s + 1), dtype=bool)
+    mask[:, s] = exit
+    mask[1, 0] = False  # and one transition not allowed
+    with np.errstate(divide="ignore"):
+        log_trans = np.log(random_transitions(rng, mask))
+    lengths = np.array([1, 2, 4, 5, 6])
+    log_b = rng.normal(0.0, 3.0, (len(lengths), 6, s))
+    gamma, counts, total = forward_backward(log_b, lengths, log_trans)
+    best, paths = viterbi(log_b, lengths, log_trans)
+    for b, n in enumerate(lengths):
+        ref_total, ref_gamma, ref_counts, ref_best, ref_path = brute_force(log_b[b, :n], log_trans)
+        np.testing.assert_allclose(total[b], ref_total, rtol=1e-12)
+        np.testing.assert_allclose(gamma[b, :n], ref_gamma, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(counts[b], ref_counts, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(best[b], ref_best, rtol=1e-12)
+        np.testing.assert_array_equal(paths[b, :n], ref_path)
+    assert (counts[:, 1, 0] == 0).all()
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_float32_products_give_nearly_the_float64_statistics(hard):
+    """float32 moments' products (``moments_dtype``, what ``--precision float32`` gives
+    the HMM) leave the log-likelihood as it is and the statistics within float32 rounding;
+    float32 Gaussian scores too (``dtype``), the log-likelihood then to 1e-6. Recursions
+    and sums stay float64."""
+    rng = np.random.default_rng(8)
+    model = random_hmm(rng, n_states=3, k=2, d=4, skip=True)
+    utts = sample(model, rng, 12)
+    ref = accumulate_hmm(model, utts, hard=hard)
+    mixed = accumulate_hmm(model, utts, hard=hard, moments_dtype="float32")
+    single = accumulate_hmm(model, utts, hard=hard, dtype="float32")
+    assert mixed.loglike == ref.loglike
+    np.testing.assert_array_equal(mixed.transitions, ref.transitions)
+    assert single.loglike == pytest.approx(ref.loglike, rel=1e-6)
+    for got in (mixed, single):
+        assert (got.frames, got.utts) == (ref.frames, ref.utts)
+        for name, want in ref.to_arrays().items():
+            np.testing.assert_allclose(got.to_arrays()[name], want, rtol=1e-4,
+                                       atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
 def test_too_short_utterances_score_minus_inf_and_are_skipped():
     rng = np.random.default_rng(1)
     model = random_hmm(rng, n_states=3, exit=True, skip=False)  # at least 3 frames

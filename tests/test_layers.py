@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emdist"
 NUMERICS = ["emdist.models.gmm", "emdist.models.kernel", "emdist.models.estep",
             "emdist.models.mstep", "emdist.models.stats", "emdist.models.gselect",
             "emdist.models.initialize", "emdist.models.kind", "emdist.models.gmm_kind",
-            "emdist.models.hmm", "emdist.models.hmm_kind", "emdist.models.vq",
+            "emdist.models.hmm", "emdist.models.hmm_kernels", "emdist.models.hmm_kind",
+            "emdist.models.vq",
             "emdist.models.defaults", "emdist.data.datadir", "emdist.io.modelio"]
 # Lowest first. A module may import its own layer and the ones before it (at import time;
 # the CLI imports everything inside its commands, lazily).

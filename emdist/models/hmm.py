@@ -1,17 +1,20 @@
-"""Left-to-right GMM-HMMs: forward-backward, Viterbi, statistics and updates, in numpy.
+"""Left-to-right GMM-HMMs: forward-backward, Viterbi, statistics and updates.
 
 An :class:`HMM` has S emitting states, each a :class:`~emdist.models.gmm.GMM`, and is always
 entered in state 0; ``transitions[s, j]`` is the probability of going from state s to state
 j, column S that of leaving the model (the exit transition of Kaldi and HTK). A model with
 no exit transition at all lets an utterance end in any state (as hmmlearn does).
 
-The E-step scores all frames of a batch of utterances under all Gaussians of all states with
-one matrix product (the stacked GMM, :meth:`HMM.stacked`), reduces them to per-state
-log-emissions, runs forward-backward (or Viterbi) in the log domain on the padded batch -- a
-Python loop over time only, vectorised over utterances and states -- and turns the component
-posteriors into moments ``[1, x, x² | vech(x xᵀ)]`` with one more product. An utterance that
-no path can align (too short for the topology) scores ``-inf``, adds nothing to the
-statistics and is counted in :attr:`HmmStats.unaligned` (Kaldi's "no path").
+The E-step takes a batch of one model's utterances laid end to end (no padding): one matrix
+product scores every frame under every Gaussian of every state (the stacked GMM,
+:meth:`HMM.stacked`, through the GMM's :class:`~emdist.models.kernel.Kernel`; float64 by
+default), compiled loops (:mod:`emdist.models.hmm_kernels`, numba) reduce the scores to
+per-state log-emissions and within-state posteriors, run forward-backward (or Viterbi) in
+the log domain and weigh each Gaussian's posterior by its state's, and more products (in
+float64 or float32, as the GMM's E-step) turn them into the moments ``[1, x, x² | vech(x
+xᵀ)]``, summed in float64. An utterance that no path can align (too short for the
+topology) scores ``-inf``, adds nothing to the statistics and is counted in
+:attr:`HmmStats.unaligned` (Kaldi's "no path").
 """
 
 from __future__ import annotations
@@ -23,10 +26,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdist.errors import UserError
-from emdist.models.estep import stats_from_moments
+from emdist.models import hmm_kernels as kernels
+from emdist.models.estep import DEFAULT_CHUNK_SIZE, stats_from_moments
 from emdist.models.gmm import GMM
 from emdist.models.initialize import split
-from emdist.models.kernel import Kernel, check_finite, expand_features, expanded_width
+from emdist.models.kernel import (
+    LN2,
+    LOG2E,
+    Kernel,
+    check_finite,
+    expand_features,
+    expand_rows,
+    expanded_width,
+    grid_shift,
+)
 from emdist.models.mstep import MStepOptions, UpdateReport, m_step
 from emdist.models.stats import GmmStats
 
@@ -35,7 +48,11 @@ FLAT_START_FLOOR = 0.01
 ``--transition-floor``)."""
 
 DEFAULT_BATCH_FRAMES = 16384
-"""Padded frames (utterances x longest utterance) per batch of the E-step."""
+"""Frames per batch of the E-step (a longer utterance is a batch of its own)."""
+
+ROWS_CHUNK = DEFAULT_CHUNK_SIZE
+"""Expanded frames made at a time (for the products of the Gaussians' scores, and again
+for those of the moments): few enough to stay in the CPU's cache."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,20 +164,62 @@ def initial_transitions(mask: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
-# forward-backward and Viterbi on padded batches
+# forward-backward and Viterbi (the loops are compiled: emdist.models.hmm_kernels)
 
 
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    """``log Σ exp`` along ``axis``; ``-inf`` where every entry is ``-inf``, never NaN."""
-    top = x.max(axis=axis, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore", under="ignore"):
-        return np.log(np.exp(x - top).sum(axis=axis)) + top.squeeze(axis)
+@dataclass(frozen=True, eq=False)
+class _Topology:
+    """What the compiled loops need of M models' log transitions (M, S, S + 1), in log2
+    units: those between emitting states (M, S, S), the same as bands ``band[m, d, j] =
+    log2 a(j - d, j)`` (M, 3, S + 2; -inf outside), how many bands a left-to-right model
+    uses (2, or 3 with skips; 0 if another transition is allowed: then the loops run on
+    lists), the log2 end weights (M, S) (the exit column, or 0 for "end anywhere"), which
+    models have an exit, and the allowed transitions (finite in any model) as predecessor
+    and successor lists."""
+
+    trans: np.ndarray
+    band: np.ndarray
+    n_bands: int
+    end: np.ndarray
+    has_exit: np.ndarray
+    pred_ptr: np.ndarray
+    pred: np.ndarray
+    succ_ptr: np.ndarray
+    succ: np.ndarray
+
+    @classmethod
+    def of(cls, log_trans: np.ndarray) -> _Topology:
+        log_trans = np.asarray(log_trans, dtype=np.float64)
+        s = log_trans.shape[-2]
+        if log_trans.ndim != 3 or log_trans.shape[-1] != s + 1:
+            raise ValueError(f"log transitions must have shape (M, S, S + 1), "
+                             f"not {log_trans.shape}")
+        trans = np.ascontiguousarray(log_trans[..., :s] * LOG2E)
+        has_exit = np.isfinite(log_trans[..., s]).any(axis=1)
+        end = np.ascontiguousarray(np.where(has_exit[:, None], log_trans[..., s] * LOG2E, 0.0))
+        allowed = np.isfinite(trans).any(axis=0)  # (S, S)
+        steps = np.subtract.outer(-np.arange(s), -np.arange(s))[allowed]  # j - i, allowed
+        n_bands = 0
+        if steps.size and steps.min() >= 0 and steps.max() <= 2 and allowed.diagonal().all():
+            n_bands = 3 if steps.max() == 2 else 2
+        band = np.full((len(trans), 3, s + 2), -np.inf)
+        for d in range(3):
+            band[:, d, d:s] = np.diagonal(trans, offset=d, axis1=1, axis2=2)
+        to_j, from_i = np.nonzero(allowed.T)  # predecessors of each j, i ascending
+        pred_ptr = np.searchsorted(to_j, np.arange(s + 1)).astype(np.int64)
+        at_i, to = np.nonzero(allowed)
+        succ_ptr = np.searchsorted(at_i, np.arange(s + 1)).astype(np.int64)
+        return cls(trans, band, n_bands, end, has_exit, pred_ptr, from_i.astype(np.int64),
+                   succ_ptr, to.astype(np.int64))
+
+    def arrays(self) -> tuple:
+        return (self.trans, self.band, self.n_bands, self.end, self.has_exit, self.pred_ptr,
+                self.pred, self.succ_ptr, self.succ)
 
 
-def _prepare(log_b, lengths, log_trans):
-    """Checked arrays: emissions with 0 on padding, lengths, (B, S, S) transitions, (B, S)
-    log end weights (the exit column, or 0 for "end anywhere") and which rows have an exit."""
+def _flatten(log_b, lengths, log_trans):
+    """A padded batch laid end to end: log2-emissions (N, S), bounds (B + 1,), the frames'
+    mask (B, T), per-utterance topology indices and the topology."""
     log_b = np.asarray(log_b, dtype=np.float64)
     b, t, s = log_b.shape
     if t == 0:
@@ -168,72 +227,14 @@ def _prepare(log_b, lengths, log_trans):
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.shape != (b,) or np.any(lengths < 0) or np.any(lengths > t):
         raise ValueError(f"lengths must be {b} values in [0, {t}]")
-    log_b = np.where(np.arange(t)[None, :, None] < lengths[:, None, None], log_b, 0.0)
-    log_trans = np.broadcast_to(np.asarray(log_trans, dtype=np.float64), (b, s, s + 1))
-    has_exit = np.isfinite(log_trans[..., s]).any(axis=1)
-    end = np.where(has_exit[:, None], log_trans[..., s], 0.0)
-    return log_b, lengths, log_trans[..., :s], end, has_exit
-
-
-def _last(scores: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Each utterance's scores (B, S) at its last frame (garbage for empty ones)."""
-    return scores[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
-
-
-def _totals(alpha: np.ndarray, lengths: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Total log-likelihoods from the forward scores: ``-inf`` for empty utterances."""
-    return np.where(lengths > 0, _logsumexp(_last(alpha, lengths) + end, axis=1), -np.inf)
-
-
-def _bands(trans: np.ndarray) -> list[tuple[int, np.ndarray]] | None:
-    """The diagonals ``d >= 0`` of (B, S, S) log transitions that hold a finite entry, as
-    (d, (B, S - d) values), for the banded recursions of a left-to-right model; None when
-    an entry below the diagonal is finite (then the dense recursions run)."""
-    s = trans.shape[-1]
-    if np.isfinite(trans[:, np.tril_indices(s, -1)[0], np.tril_indices(s, -1)[1]]).any():
-        return None
-    out = []
-    for d in range(s):
-        diag = np.ascontiguousarray(np.diagonal(trans, offset=d, axis1=1, axis2=2))
-        if d == 0 or np.isfinite(diag).any():
-            out.append((d, diag))
-    return out
-
-
-def _forward(log_b: np.ndarray, trans: np.ndarray) -> np.ndarray:
-    alpha = np.empty_like(log_b)
-    alpha[:, 0] = np.where(np.arange(log_b.shape[2]) == 0, log_b[:, 0], -np.inf)  # entry: 0
-    bands = _bands(trans)
-    for t in range(1, log_b.shape[1]):
-        prev = alpha[:, t - 1]
-        if bands is None:
-            alpha[:, t] = _logsumexp(prev[:, :, None] + trans, axis=1) + log_b[:, t]
-            continue
-        new = alpha[:, t]
-        np.add(prev, bands[0][1], out=new)  # self-loops, then each further diagonal
-        for d, diag in bands[1:]:
-            np.logaddexp(new[:, d:], prev[:, :-d] + diag, out=new[:, d:])
-        new += log_b[:, t]
-    return alpha
-
-
-def _backward(log_b: np.ndarray, trans: np.ndarray, lengths: np.ndarray,
-              end: np.ndarray) -> np.ndarray:
-    b, t, s = log_b.shape
-    beta = np.empty_like(log_b)
-    beta[:, t - 1] = end
-    bands = _bands(trans)
-    trans_t = trans.transpose(0, 2, 1)
-    for step in range(t - 2, -1, -1):
-        after = log_b[:, step + 1] + beta[:, step + 1]
-        if bands is None:
-            new = _logsumexp(after[:, :, None] + trans_t, axis=1)
-        else:
-            new = after + bands[0][1]
-            for d, diag in bands[1:]:
-                np.logaddexp(new[:, :-d], after[:, d:] + diag, out=new[:, :-d])
-        beta[:, step] = np.where((step >= lengths - 1)[:, None], end, new)
-    return beta
+    live = np.arange(t) < lengths[:, None]
+    flat = np.ascontiguousarray(log_b[live] * LOG2E)
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    log_trans = np.asarray(log_trans, dtype=np.float64)
+    if log_trans.ndim == 2:  # one model for all: one topology
+        return flat, bounds, live, np.zeros(b, dtype=np.int64), _Topology.of(log_trans[None])
+    topo = _Topology.of(np.broadcast_to(log_trans, (b, s, s + 1)))
+    return flat, bounds, live, np.arange(b, dtype=np.int64), topo
 
 
 def forward_backward(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarray):
@@ -256,41 +257,27 @@ def forward_backward(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarr
     loglike : ndarray of shape (B,)
         Total log-likelihoods, ``-inf`` for utterances that no path can align.
     """
-    log_b, lengths, trans, end, has_exit = _prepare(log_b, lengths, log_trans)
-    b, t, s = log_b.shape
-    alpha = _forward(log_b, trans)
-    total = _totals(alpha, lengths, end)
-    beta = _backward(log_b, trans, lengths, end)
-    ok = np.isfinite(total)
-    norm = np.where(ok, total, 0.0)[:, None, None]
-    live = (np.arange(t) < lengths[:, None]) & ok[:, None]
-    with np.errstate(under="ignore"):
-        gamma = np.exp(np.where(live[..., None], alpha + beta - norm, -np.inf))
-        counts = np.zeros((b, s, s + 1))
-        if t > 1:
-            _expected_transitions(alpha, log_b + beta, trans, norm, live, counts)
-        final = _last(alpha, lengths) + end - norm[:, 0]
-        counts[..., s] = np.exp(np.where((ok & has_exit)[:, None], final, -np.inf))
-    return gamma, counts, total
+    flat, bounds, live, tidx, topo = _flatten(log_b, lengths, log_trans)
+    b, t, s = live.shape + (flat.shape[1],)
+    gamma = np.empty_like(flat)
+    counts = np.empty((b, s, s + 1))
+    totals = np.empty(b)
+    _fb(flat, bounds, tidx, topo, gamma, counts, totals)
+    out = np.zeros((b, t, s))
+    out[live] = gamma
+    return out, counts, totals * LN2
 
 
-def _expected_transitions(alpha, after, trans, norm, live, counts) -> None:
-    """``counts[..., :S] = Σ_t ξ_t(i, j)``, ``ξ_t(i, j) = exp(α_t(i) + a_ij + b_t+1(j) +
-    β_t+1(j) − total)``, over the transitions between live frames; by diagonal for a
-    left-to-right model (2 or 3 of the S² pairs)."""
-    inner = live[:, 1:] & live[:, :-1]  # (B, T - 1)
-    bands = _bands(trans)
-    if bands is None:
-        log_xi = alpha[:, :-1, :, None] + trans[:, None] + after[:, 1:, None, :] - norm[..., None]
-        counts[..., : trans.shape[-1]] = np.exp(
-            np.where(inner[..., None, None], log_xi, -np.inf)).sum(axis=1)
-        return
-    s = trans.shape[-1]
-    rows = np.arange(s)
-    for d, diag in bands:
-        log_xi = alpha[:, :-1, : s - d] + diag[:, None, :] + after[:, 1:, d:] - norm
-        log_xi[~inner] = -np.inf
-        counts[:, rows[: s - d], rows[d:]] = np.exp(log_xi).sum(axis=1)
+def _fb(log_b, bounds, tidx, topo: _Topology, gamma, counts, totals) -> None:
+    """:func:`~emdist.models.hmm_kernels.forward_backward` (log2 units)."""
+    kernels.forward_backward(log_b, bounds, tidx, topo.arrays(), np.empty_like(log_b),
+                             gamma, counts, totals)
+
+
+def _viterbi(log_b, bounds, tidx, topo: _Topology, best, paths) -> None:
+    """:func:`~emdist.models.hmm_kernels.viterbi` (log2 units)."""
+    kernels.viterbi(log_b, bounds, tidx, topo.arrays(), np.empty_like(log_b),
+                    np.empty(log_b.shape, dtype=np.int64), best, paths)
 
 
 def viterbi(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarray):
@@ -303,41 +290,13 @@ def viterbi(log_b: np.ndarray, lengths: np.ndarray, log_trans: np.ndarray):
     paths : ndarray of shape (B, T), int
         States of the best paths; -1 on padding and for utterances with no path.
     """
-    log_b, lengths, trans, end, _ = _prepare(log_b, lengths, log_trans)
-    b, t, s = log_b.shape
-    delta = np.empty_like(log_b)
-    back = np.zeros((b, t, s), dtype=np.intp)
-    delta[:, 0] = np.where(np.arange(s) == 0, log_b[:, 0], -np.inf)
-    bands = _bands(trans)
-    if bands is not None:  # candidates per diagonal d: from state j - d to j
-        offsets = np.array([d for d, _ in bands])
-        cand = np.full((len(bands), b, s), -np.inf)
-    for step in range(1, t):
-        prev = delta[:, step - 1]
-        if bands is None:
-            full = prev[:, :, None] + trans
-            back[:, step] = full.argmax(axis=1)
-            delta[:, step] = full.max(axis=1) + log_b[:, step]
-            continue
-        for k, (d, diag) in enumerate(bands):
-            np.add(prev[:, : s - d], diag, out=cand[k][:, d:])
-        best = cand.argmax(axis=0)
-        back[:, step] = np.arange(s) - offsets[best]
-        delta[:, step] = np.take_along_axis(cand, best[None], axis=0)[0] + log_b[:, step]
-    final = _last(delta, lengths) + end
-    best = np.where(lengths > 0, final.max(axis=1), -np.inf)
-    state = final.argmax(axis=1)
-    rows = np.arange(b)
-    paths = np.full((b, t), -1, dtype=np.intp)
-    aligned = np.isfinite(best)
-    for step in range(t - 1, -1, -1):
-        prev = back[rows, min(step + 1, t - 1), state]
-        state = np.where(step < lengths - 1, prev, state)
-        paths[:, step] = np.where(aligned & (step < lengths), state, -1)
-    return best, paths
-
-
-_best_path = viterbi
+    flat, bounds, live, tidx, topo = _flatten(log_b, lengths, log_trans)
+    best = np.empty(live.shape[0])
+    flat_paths = np.empty(len(flat), dtype=np.int64)
+    _viterbi(flat, bounds, tidx, topo, best, flat_paths)
+    paths = np.full(live.shape, -1, dtype=np.intp)
+    paths[live] = flat_paths
+    return best * LN2, paths
 
 
 def path_counts(paths: np.ndarray, lengths: np.ndarray, n_states: int,
@@ -442,37 +401,68 @@ class HmmStats:
                      for name in ("loglike", "frames", "utts", "unaligned")))
 
 
-_KERNELS: weakref.WeakKeyDictionary[HMM, Kernel] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What the E-step of one model needs, built once per model and precision: the stacked
+    GMM's kernel, each state's first Gaussian (S + 1,), each Gaussian's state, the topology
+    and the expansion's width."""
+
+    kernel: Kernel
+    starts: np.ndarray
+    owner: np.ndarray
+    topology: _Topology
+    width: int
+
+    @property
+    def n_states(self) -> int:
+        return len(self.starts) - 1
 
 
-def _kernel(model: HMM) -> Kernel:
-    """The stacked GMM's float64 kernel around the mean of its means, kept while ``model``
-    lives (one Cholesky factorisation per Gaussian and model, not per batch)."""
-    kernel = _KERNELS.get(model)
-    if kernel is None:
+_PLANS: weakref.WeakKeyDictionary[HMM, dict[str, _Plan]] = weakref.WeakKeyDictionary()
+
+
+def _plan(model: HMM, dtype: str = "float64") -> _Plan:
+    """The model's :class:`_Plan` in ``dtype``, kept while ``model`` lives (one Cholesky
+    factorisation per Gaussian and model, not per batch).
+
+    The stacked GMM's kernel is centred on the mean of its means (on the 2⁻¹⁰ grid,
+    :func:`~emdist.models.kernel.grid_shift`); in float32 a common offset is taken out of
+    its constants too, as the GMM's float32 E-step does (:func:`~emdist.models.estep.
+    make_kernel`)."""
+    plans = _PLANS.setdefault(model, {})
+    plan = plans.get(dtype)
+    if plan is None:
         stacked = model.stacked()
-        shift = stacked.weights @ stacked.means / model.n_states
-        kernel = _KERNELS[model] = stacked.kernel(np.float64, shift=shift)
-    return kernel
+        shift = grid_shift(stacked.weights @ stacked.means / model.n_states)
+        kernel = Kernel.from_gmm(stacked, np.dtype(dtype), shift=shift,
+                                 common_offset=dtype != "float64")
+        sizes = model.state_sizes
+        plan = plans[dtype] = _Plan(
+            kernel, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            np.repeat(np.arange(model.n_states), sizes).astype(np.int64),
+            _Topology.of(_log(model.transitions)[None]),
+            1 + expanded_width(model.dim, model.covariance_type))
+    return plan
 
 
 def _batches(utterances: Iterable[np.ndarray], dim: int | None,
              batch_frames: int) -> Iterator[list[np.ndarray]]:
-    """Consecutive utterances (N_i, D) in float64, grouped while utterances x longest stays
-    within ``batch_frames`` (an utterance longer than that is a batch of its own)."""
+    """Consecutive utterances (N_i, D), grouped while the group holds at most
+    ``batch_frames`` frames (an utterance longer than that is a batch of its own)."""
     batch: list[np.ndarray] = []
-    longest = 0
+    size = 0
     for utt in utterances:
-        utt = np.asarray(utt, dtype=np.float64)
-        if utt.ndim != 2 or (dim is not None and utt.shape[1] != dim):
-            raise UserError(f"an utterance has shape {utt.shape}, expected (frames, {dim})")
-        dim = utt.shape[1]
-        longest_with = max(longest, len(utt))
-        if batch and longest_with * (len(batch) + 1) > batch_frames:
+        if type(utt) is not np.ndarray:
+            utt = np.asarray(utt)
+        shape = utt.shape
+        if len(shape) != 2 or (dim is not None and shape[1] != dim):
+            raise UserError(f"an utterance has shape {shape}, expected (frames, {dim})")
+        dim = shape[1]
+        if batch and size + shape[0] > batch_frames:
             yield batch
-            batch, longest_with = [], len(utt)
+            batch, size = [], 0
         batch.append(utt)
-        longest = longest_with
+        size += shape[0]
     if batch:
         yield batch
 
@@ -486,129 +476,164 @@ def _expanded(frames: np.ndarray, covariance_type: str, shift) -> np.ndarray:
     return z
 
 
-class _Batch:
-    """Emissions of a batch of utterances: the expanded frames ``z`` (N, 1 + E), the
-    within-state posteriors (N, ΣK), per-state log-emissions padded to (B, T, S), lengths,
-    and each frame's (utterance, time) position."""
+class _Emissions:
+    """Per-state log-emissions of batches of utterances, with buffers reused from batch to
+    batch and from model to model.
 
-    def __init__(self, model: HMM, kernel: Kernel, batch: list[np.ndarray]) -> None:
-        self.lengths = np.array([len(u) for u in batch], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(model.state_sizes)[:-1]])
-        self.z = _expanded(np.concatenate(batch), model.covariance_type, kernel.shift)
-        ll = kernel.component_log_likelihood(self.z[:, 1:])  # (N, ΣK): one product
-        top = np.maximum.reduceat(ll, starts, axis=1)  # best Gaussian of each state
-        check_finite(top.max(axis=1, initial=-np.inf))
-        top = np.where(np.isfinite(top), top, 0.0)
-        owner = model.component_state()
-        with np.errstate(under="ignore"):
-            post = np.exp(ll - top[:, owner])
-        total = np.add.reduceat(post, starts, axis=1)
+    For a batch of N frames under a model's :class:`_Plan`: the expanded frames as columns
+    (as :class:`~emdist.models.kernel.Rows`: ``[1; x - shift; (x - shift)² or vech;
+    0...]``), made :data:`ROWS_CHUNK` frames at a time (:meth:`rows`), are multiplied by the
+    kernel's constants into the stacked Gaussians' log2-scores ``scores`` (ΣK, N); then, as
+    in the GMM's E-step, each is taken relative to the best of
+    its state, floored at -82 and raised to the power of 2 in one vectorised pass (compiled
+    loops around it: :func:`~emdist.models.hmm_kernels.state_tops` and
+    :func:`~emdist.models.hmm_kernels.state_totals`). ``log_b`` (N, S) then holds the
+    per-state log2-emissions (float64) and ``scores · norm`` the within-state posteriors."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple, np.ndarray] = {}
+        self._flat: dict[tuple, np.ndarray] = {}
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A C-contiguous ``shape`` array of a buffer kept from call to call."""
+        size = int(np.prod(shape))
+        buf = self._flat.get((name, dtype))
+        if buf is None or buf.size < size:
+            buf = self._flat[(name, dtype)] = np.empty(max(size, 1), dtype=dtype)
+        return buf[:size].reshape(shape)
+
+    def rows(self, start: int, stop: int, dtype=None) -> np.ndarray:
+        """Expanded frames ``start:stop`` of the batch last loaded, as columns (P, stop -
+        start), in ``dtype`` (the kernel's by default); valid until the next call."""
+        kernel = self._kernel
+        dtype = kernel.dtype if dtype is None else np.dtype(dtype)
+        key = (dtype, kernel.width)
+        data = self._rows.get(key)
+        if data is None or data.shape[1] < stop - start:  # rows past the expansion stay 0
+            data = self._rows[key] = np.zeros((kernel.width, max(stop - start, ROWS_CHUNK)),
+                                              dtype=dtype)
+        diag = kernel.covariance_type == "diag"
+        kernels.load_frames(self._frames, start, stop, kernel.shift, data, diag)
+        if not diag:
+            expand_rows(data[:, : stop - start], kernel.dim, kernel.covariance_type)
+        return data[:, : stop - start]
+
+    def load(self, plan: _Plan, batch: list[np.ndarray]) -> tuple[int, np.ndarray]:
+        """Frames and bounds (B + 1,) of ``batch``; fills ``scores``, ``log_b`` and
+        ``norm``. The expanded frames are made chunk by chunk (:meth:`rows`), so that they
+        stay in the CPU's cache: for these products and again for the moments."""
+        kernel = self._kernel = plan.kernel
+        bounds = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum([len(u) for u in batch], out=bounds[1:])
+        n = int(bounds[-1])
+        d = kernel.dim
+        self._frames = self._array("frames", (d, n), np.result_type(*batch))
+        if n:
+            np.concatenate([u.T for u in batch], axis=1, out=self._frames)
+        s = plan.n_states
+        totals = self._array("totals", (s, n), np.float64)
+        scores = self._array("scores", (kernel.n_components, n), kernel.dtype)
+        offset = kernel.offset[: 1 + d]
+        if offset.any():  # the common offset c·R of each frame, in float64
+            common = self._array("common", (n,), np.float64)
+        for start in range(0, n, ROWS_CHUNK):
+            stop = min(start + ROWS_CHUNK, n)
+            rows = self.rows(start, stop)
+            np.matmul(kernel.fast, rows, out=scores[:, start:stop])
+            if offset.any():
+                kernels.frame_offsets(rows, stop - start, offset, common[start:stop])
+        tops = self._array("tops", (s, n), np.float64)
+        if kernels.state_tops(scores, plan.starts, tops):
+            check_finite(tops.max(axis=0))  # raises: NaN or inf in the features
+        np.exp2(scores, out=scores)
+        self.norm = self._array("norm", (s, n), np.float64)
+        kernels.state_totals(scores, plan.starts, totals, self.norm)
         with np.errstate(divide="ignore"):
-            log_b = np.log(total) + top
-        post /= np.where(total > 0, total, 1.0)[:, owner]
-        self.within = post
-        self.utt = np.repeat(np.arange(len(batch)), self.lengths)
-        self.time = np.arange(len(self.utt)) - np.repeat(np.cumsum(self.lengths) - self.lengths,
-                                                         self.lengths)
-        self.log_b = np.zeros((len(batch), max(1, int(self.lengths.max())), model.n_states))
-        self.log_b[self.utt, self.time] = log_b
+            np.log2(totals, out=totals)  # log2 0 = -inf: a state of no weight
+        totals += tops
+        if offset.any():
+            totals += LOG2E * common
+        self.log_b = self._array("log_b", (n, s), np.float64)
+        np.copyto(self.log_b, totals.T)
+        self.scores = scores
+        return n, bounds
 
 
 def accumulate_hmm(model: HMM, utterances: Iterable[np.ndarray], hard: bool = False,
-                   batch_frames: int = DEFAULT_BATCH_FRAMES) -> HmmStats:
+                   batch_frames: int = DEFAULT_BATCH_FRAMES, dtype: str = "float64",
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, moments_dtype: str | None = None
+                   ) -> HmmStats:
     """Statistics of utterances (each (N_i, D)) under ``model``.
 
     With ``hard``, Viterbi training: each frame counts for the state of the best path (0/1
     occupancies and that path's transitions), the Gaussians within the state sharing it by
     their posteriors (Kaldi's ``gmm-acc-stats-ali``); ``loglike`` is then the best paths'.
-    The result depends on ``batch_frames`` only through float rounding.
+    ``dtype`` is the precision of the Gaussians' scores (which make the per-state
+    emissions and the log-likelihood), ``moments_dtype`` (``dtype`` by default) that of the
+    moments' products of ``chunk_size`` frames (as the GMM E-step's
+    ``EStepOptions.dtype``); the recursions and the sums are float64. The result depends on
+    ``batch_frames`` and ``chunk_size`` only through float rounding.
     """
-    return accumulate_hmms({"": model}, {"": utterances}, hard, batch_frames)[""]
+    return accumulate_hmms({"": model}, {"": utterances}, hard, batch_frames, dtype,
+                           chunk_size, moments_dtype)[""]
 
 
 def accumulate_hmms(models: Mapping[str, HMM], utterances: Mapping[str, Iterable[np.ndarray]],
-                    hard: bool = False, batch_frames: int = DEFAULT_BATCH_FRAMES
-                    ) -> dict[str, HmmStats]:
-    """Statistics of several models, each over its own utterances (a shard's words): the
-    utterances of all models go through one forward-backward per group of about
-    ``batch_frames`` frames (one loop over time for the group, not one per word)."""
-    moments, counts, totals = {}, {}, {}
-    for label in utterances:
-        m = models[label]
-        moments[label] = np.zeros((m.n_components, 1 + expanded_width(m.dim,
-                                                                      m.covariance_type)))
-        counts[label] = np.zeros(m.transitions.shape)
-        totals[label] = [0.0, 0, 0, 0]  # loglike, frames, utts, unaligned
-    for group in _groups(models, utterances, batch_frames):
-        log_b, lengths, log_trans, rows = _stack(models, group)
-        s = log_b.shape[2]
-        if hard:
-            total, paths = viterbi(log_b, lengths, log_trans)
-            trans = path_counts(paths, lengths, s, bool(np.isfinite(log_trans[..., s]).any()))
-        else:
-            gamma, trans, total = forward_backward(log_b, lengths, log_trans)
-        for (label, batch), (lo, hi) in zip(group, rows, strict=True):
-            owner = models[label].component_state()
-            if hard:
-                occ = paths[lo:hi][batch.utt, batch.time][:, None] == np.arange(s)
-            else:
-                occ = gamma[lo:hi][batch.utt, batch.time]
-            moments[label] += (batch.within * occ[:, owner]).T @ batch.z
-            counts[label] += trans[lo:hi].sum(axis=0)
-            ok = np.isfinite(total[lo:hi])
-            sums = totals[label]
-            sums[0] += float(total[lo:hi][ok].sum())
-            sums[1] += int(batch.lengths[ok].sum())
-            sums[2] += int(ok.sum())
-            sums[3] += int((~ok).sum())
+                    hard: bool = False, batch_frames: int = DEFAULT_BATCH_FRAMES,
+                    dtype: str = "float64", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    moments_dtype: str | None = None) -> dict[str, HmmStats]:
+    """Statistics of several models, each over its own utterances (a shard's words), in
+    batches of about ``batch_frames`` frames (see :func:`accumulate_hmm`).
+
+    Per batch: the stacked Gaussians' scores (one product), per-state log-emissions and
+    within-state posteriors, forward-backward (or Viterbi) over the batch's utterances, the
+    Gaussians' posteriors (within-state posterior x state posterior), all compiled loops
+    (:mod:`emdist.models.hmm_kernels`); then the moments ``[1, x, x² | vech]`` by products
+    of ``chunk_size`` frames in ``moments_dtype``, each added to float64 sums, as the GMM's
+    E-step does.
+    """
     out = {}
+    emissions = _Emissions()
+    moments_dtype = np.dtype(moments_dtype or dtype)
     for label in sorted(utterances):
-        loglike, frames, utts, unaligned = totals[label]
-        gmm = stats_from_moments(moments[label], _kernel(models[label]), loglike, frames)
-        out[label] = HmmStats(gmm, counts[label], loglike, frames, utts, unaligned)
-    return out
-
-
-def _groups(models: Mapping[str, HMM], utterances: Mapping[str, Iterable[np.ndarray]],
-            batch_frames: int) -> Iterator[list[tuple[str, _Batch]]]:
-    """Emission batches of every model's utterances, in label order, grouped while the
-    group holds at most ``batch_frames`` frames and its models have one number of states."""
-    group: list[tuple[str, _Batch]] = []
-    size = 0
-    for label in utterances:
         model = models[label]
-        kernel = _kernel(model)
-        for utt_list in _batches(utterances[label], model.dim, batch_frames):
-            batch = _Batch(model, kernel, utt_list)
-            n = len(batch.utt)
-            if group and (size + n > batch_frames
-                          or models[group[0][0]].n_states != model.n_states):
-                yield group
-                group, size = [], 0
-            group.append((label, batch))
-            size += n
-    if group:
-        yield group
-
-
-def _stack(models: Mapping[str, HMM], group: list[tuple[str, _Batch]]):
-    """One padded batch of a group: log-emissions (B, T, S), lengths, per-utterance log
-    transitions (B, S, S + 1), and each member's rows."""
-    b = sum(len(batch.lengths) for _, batch in group)
-    t = max(batch.log_b.shape[1] for _, batch in group)
-    s = group[0][1].log_b.shape[2]
-    log_b = np.zeros((b, t, s))
-    log_trans = np.empty((b, s, s + 1))
-    lengths = np.empty(b, dtype=np.int64)
-    rows, lo = [], 0
-    for label, batch in group:
-        hi = lo + len(batch.lengths)
-        log_b[lo:hi, : batch.log_b.shape[1]] = batch.log_b
-        log_trans[lo:hi] = _log(models[label].transitions)
-        lengths[lo:hi] = batch.lengths
-        rows.append((lo, hi))
-        lo = hi
-    return log_b, lengths, log_trans, rows
+        plan = _plan(model, dtype)
+        moments = np.zeros((plan.kernel.width, model.n_components))
+        counts = np.zeros(model.transitions.shape)
+        loglike, frames, utts, unaligned = 0.0, 0, 0, 0
+        for batch in _batches(utterances[label], model.dim, batch_frames):
+            n, bounds = emissions.load(plan, batch)
+            b = len(batch)
+            log_b, scores = emissions.log_b, emissions.scores
+            per_utt = np.empty((b, *model.transitions.shape))
+            total = np.empty(b)
+            tidx = np.zeros(b, dtype=np.int64)
+            resp = (scores if scores.dtype == moments_dtype else
+                    emissions._array("resp", scores.shape, moments_dtype))
+            if hard:
+                paths = np.empty(n, dtype=np.int64)
+                _viterbi(log_b, bounds, tidx, plan.topology, total, paths)
+                kernels.path_counts(paths, bounds, plan.topology.has_exit, tidx, per_utt)
+                kernels.keep_path_state(scores, plan.owner, paths, emissions.norm, resp)
+            else:
+                gamma = np.empty_like(log_b)
+                _fb(log_b, bounds, tidx, plan.topology, gamma, per_utt, total)
+                weight = np.multiply(gamma.T, emissions.norm, out=emissions.norm)
+                kernels.weigh_by_state(scores, plan.owner, weight, resp)
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                rows = emissions.rows(start, stop, moments_dtype)
+                moments += np.matmul(rows, resp[:, start:stop].T)
+            counts += per_utt.sum(axis=0)
+            total *= LN2
+            ok = np.isfinite(total)
+            loglike += float(total[ok].sum())
+            frames += int((bounds[1:] - bounds[:-1])[ok].sum())
+            utts += int(ok.sum())
+            unaligned += b - int(ok.sum())
+        gmm = stats_from_moments(moments[: plan.width].T, plan.kernel, loglike, frames)
+        out[label] = HmmStats(gmm, counts, loglike, frames, utts, unaligned)
+    return out
 
 
 def score_utterances(model: HMM, utterances: Iterable[np.ndarray], viterbi: bool = False,
@@ -618,20 +643,29 @@ def score_utterances(model: HMM, utterances: Iterable[np.ndarray], viterbi: bool
 
 
 def score_hmms(models: Mapping[str, HMM], utterances: list[np.ndarray], viterbi: bool = False,
-               batch_frames: int = DEFAULT_BATCH_FRAMES) -> dict[str, np.ndarray]:
-    """Total forward (or best-path) log-likelihood of each utterance under each model, all
-    models' forward passes of a group of utterances in one loop over time."""
-    scores: dict[str, list[np.ndarray]] = {label: [] for label in models}
-    for group in _groups(models, {label: utterances for label in models}, batch_frames):
-        log_b, lengths, log_trans, rows = _stack(models, group)
-        if viterbi:
-            total = _best_path(log_b, lengths, log_trans)[0]
-        else:
-            log_b, lengths, trans, end, _ = _prepare(log_b, lengths, log_trans)
-            total = _totals(_forward(log_b, trans), lengths, end)
-        for (label, _), (lo, hi) in zip(group, rows, strict=True):
-            scores[label].append(total[lo:hi])
-    return {label: np.concatenate(v) if v else np.zeros(0) for label, v in scores.items()}
+               batch_frames: int = DEFAULT_BATCH_FRAMES, dtype: str = "float64"
+               ) -> dict[str, np.ndarray]:
+    """Total forward (or best-path) log-likelihood of each utterance under each model
+    (Gaussian scores in ``dtype``, float64 by default; the recursions in float64)."""
+    batches = list(_batches(utterances, None, batch_frames))
+    emissions = _Emissions()
+    scores: dict[str, np.ndarray] = {}
+    for label, model in models.items():
+        plan = _plan(model, dtype)
+        parts = []
+        for batch in batches:
+            n, bounds = emissions.load(plan, batch)
+            total = np.empty(len(batch))
+            tidx = np.zeros(len(batch), dtype=np.int64)
+            if viterbi:
+                _viterbi(emissions.log_b, bounds, tidx, plan.topology, total,
+                         np.empty(n, dtype=np.int64))
+            else:
+                kernels.forward(emissions.log_b, bounds, tidx, plan.topology.arrays(),
+                                np.empty((n, plan.n_states)), total)
+            parts.append(total * LN2)
+        scores[label] = np.concatenate(parts) if parts else np.zeros(0)
+    return scores
 
 
 def _log(p: np.ndarray) -> np.ndarray:

@@ -12,7 +12,11 @@
   split;
 * model file: format ``emdist-hmm``.
 
-The E-step of an HMM runs in float64 (``--precision`` is the GMM's fast path).
+Precision: the Gaussians' scores, which make the per-state emissions and the recorded
+objective, are float64 products (the objective is the forward or best-path total to 1e-9,
+which float32 scores do not give); the moments' products follow ``--precision`` (float32 by
+default, chunks of ``--chunk-size`` frames added to float64 sums, as the GMM's E-step); the
+recursions (compiled, :mod:`emdist.models.hmm_kernels`) and all sums are float64.
 """
 
 from __future__ import annotations
@@ -69,12 +73,6 @@ def _by_label(pieces: Pieces) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def _batch_frames(model: HMM) -> int:
-    """Frames per E-step batch: a full-covariance batch keeps 1 + D + D(D+1)/2 values per
-    frame (107 MB at 16384 frames of 39 dims; as fast at 4096)."""
-    return DEFAULT_BATCH_FRAMES if model.covariance_type == "diag" else 4096
-
-
 class HmmKind:
     name = "hmm"
     file_format = "emdist-hmm"
@@ -91,8 +89,10 @@ class HmmKind:
                                                m.mask) for key, m in flat.items()}
         hmms = {key: utts for key, utts in by_label.items() if key not in flat}
         if hmms:
-            batch = min(_batch_frames(models[key]) for key in hmms)
-            out.update(accumulate_hmms(models, hmms, hard=hard, batch_frames=batch))
+            out.update(accumulate_hmms(models, hmms, hard=hard,
+                                       batch_frames=DEFAULT_BATCH_FRAMES,
+                                       chunk_size=options.chunk_size,
+                                       moments_dtype=options.dtype))
         return dict(sorted(out.items()))
 
     def update(self, stats: HmmStats, options: MStepOptions,
@@ -110,8 +110,8 @@ class HmmKind:
         for utt_id, frames in utterances:
             ids.append(utt_id)
             feats.append(frames)
-        batch = min(_batch_frames(m) for m in models.values())
-        totals = score_hmms(dict(sorted(models.items())), feats, best_path, batch)
+        totals = score_hmms(dict(sorted(models.items())), feats, best_path,
+                            DEFAULT_BATCH_FRAMES)
         return [(utt_id, {label: float(t[i]) for label, t in totals.items()})
                 for i, utt_id in enumerate(ids)]
 
