@@ -29,7 +29,7 @@ PINNED = {
     ("2.4.6", "openblas", "SkylakeX"): {
         "default": "2ec210ddafe1da903fd20b3fe47db587c03b831f4d76e562823d1d046d1dd108",
         "global-diag": "387ec229de937c7dfc1eb6cb52d08b93ae5aaa8c15aca311974763183ce8bf66",
-        "hmm": "483983c8be1dd75cc8c7215efc8f2aa7737d9bc23d68bf4393cd0efc7690adc8",
+        "hmm": "9a671004300fcd8c0a3fcb1649e591ab1df412c623856c608d68f653ac90cbce",
         "kmeans": "abc2288166d86358c7ed117d7e8fb79ebc8a7bad277b50ff0f2fa3b1d86ce14a",
     },
 }
