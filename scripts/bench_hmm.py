@@ -375,8 +375,9 @@ def hmm_phases(model_file: Path, corpus: Corpus) -> dict:
     helpers (emdist.models.hmm ``_plan``, ``_batches``, ``_Emissions``, ``_fb``): emissions
     (frames copied, expanded and centred, the Gaussians' scores, per-state log-emissions and
     within-state posteriors), forward-backward (compiled, over the batch's utterances laid
-    end to end), and moments (the Gaussians' posteriors, the moments' products). Also the
-    batches and the utterances per batch. ``{"error": ...}`` if those helpers changed."""
+    end to end), and moments (the Gaussians' posteriors, the moments' products in float32,
+    as ``--precision``'s default makes them). Also the batches and the utterances per
+    batch. ``{"error": ...}`` if those helpers changed."""
     import emdist
     from emdist.models import hmm as H
     from emdist.models import hmm_kernels as HK
@@ -402,10 +403,12 @@ def hmm_phases(model_file: Path, corpus: Corpus) -> dict:
                       gamma, per_utt, total)
                 t2 = time.perf_counter()
                 weight = np.multiply(gamma.T, emissions.norm, out=emissions.norm)
-                HK.weigh_by_state(emissions.scores, plan.owner, weight)
+                resp = np.empty(emissions.scores.shape, dtype=np.float32)  # --precision
+                HK.weigh_by_state(emissions.scores, plan.owner, weight, resp)
                 for start in range(0, n, H.DEFAULT_CHUNK_SIZE):
                     stop = min(start + H.DEFAULT_CHUNK_SIZE, n)
-                    moments += emissions.rows(start, stop) @ emissions.scores[:, start:stop].T
+                    rows = emissions.rows(start, stop, np.float32)
+                    moments += rows @ resp[:, start:stop].T
                 t3 = time.perf_counter()
                 phases["emissions"] += t1 - t0
                 phases["forward_backward"] += t2 - t1

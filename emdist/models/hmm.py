@@ -174,8 +174,8 @@ class _Topology:
     log2 a(j - d, j)`` (M, 3, S + 2; -inf outside), how many bands a left-to-right model
     uses (2, or 3 with skips; 0 if another transition is allowed: then the loops run on
     lists), the log2 end weights (M, S) (the exit column, or 0 for "end anywhere"), which
-    models have an exit, and the allowed transitions (finite in any model) as predecessor
-    and successor lists."""
+    models have an exit, and the allowed transitions (finite in any model) as lists of
+    predecessors: those of state j are ``pred[pred_ptr[j] : pred_ptr[j + 1]]``."""
 
     trans: np.ndarray
     band: np.ndarray
@@ -184,8 +184,6 @@ class _Topology:
     has_exit: np.ndarray
     pred_ptr: np.ndarray
     pred: np.ndarray
-    succ_ptr: np.ndarray
-    succ: np.ndarray
 
     @classmethod
     def of(cls, log_trans: np.ndarray) -> _Topology:
@@ -207,14 +205,11 @@ class _Topology:
             band[:, d, d:s] = np.diagonal(trans, offset=d, axis1=1, axis2=2)
         to_j, from_i = np.nonzero(allowed.T)  # predecessors of each j, i ascending
         pred_ptr = np.searchsorted(to_j, np.arange(s + 1)).astype(np.int64)
-        at_i, to = np.nonzero(allowed)
-        succ_ptr = np.searchsorted(at_i, np.arange(s + 1)).astype(np.int64)
-        return cls(trans, band, n_bands, end, has_exit, pred_ptr, from_i.astype(np.int64),
-                   succ_ptr, to.astype(np.int64))
+        return cls(trans, band, n_bands, end, has_exit, pred_ptr, from_i.astype(np.int64))
 
     def arrays(self) -> tuple:
         return (self.trans, self.band, self.n_bands, self.end, self.has_exit, self.pred_ptr,
-                self.pred, self.succ_ptr, self.succ)
+                self.pred)
 
 
 def _flatten(log_b, lengths, log_trans):

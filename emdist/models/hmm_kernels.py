@@ -15,15 +15,16 @@ log2-emissions, and ``topo`` (:class:`emdist.models.hmm._Topology`) the log2 tra
 M models (``tidx[u]`` is utterance u's) between emitting states, their end weights (the exit
 column, or 0 for a model without an exit: it may end in any state), and the allowed
 transitions. A left-to-right model (self-loops, next state, optional skips) runs on the
-2 or 3 bands of its transition matrix; any other on lists of predecessors and successors.
+2 or 3 bands of its transition matrix; any other on lists of predecessors.
 A model is entered in state 0.
 
-The recursions stay in the log domain (no scaling): each ``log Σ exp`` takes out its largest
-term, so a sum of two terms costs one ``exp2`` and one ``log2`` (and a "sum" of one term,
-as state 0's entry or the last state's way out, none). The backward pass computes the state
-posteriors and the expected transition counts as it goes: ``ξ_t(i, j) = γ_t(i) · 2^(u_j -
-β_t(i))`` with ``u_j = a_ij + b_t+1(j) + β_t+1(j)`` the terms of ``β_t(i)``, so no array of
-β is kept. Terms below 2^-1000 of a sum's largest are exact zeros (:data:`EXP2_LOW`).
+The forward recursion stays in the log domain (no scaling): each ``log Σ exp`` takes out
+its largest term, so a sum of two terms costs one ``exp2`` and one ``log2`` (and a "sum" of
+one term, as state 0's entry, none). It also keeps the share of each state's forward mass
+that comes from each predecessor; the backward pass turns them into the state posteriors
+and expected transition counts with products and sums of probabilities, no ``exp`` or
+``log`` at all (see :func:`forward_backward`). Terms below 2^-1000 of a sum's largest, and
+posteriors below 2^-1000, are exact zeros (:data:`EXP2_LOW`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ EXP2_LOW = -1000.0
 """``2^d`` for ``d < EXP2_LOW`` is taken as 0 in the recursions: below 2^-1000 (1e-301) of
 the largest term of a sum, a term is far below float64 resolution, and ``exp2`` never
 takes its slow underflow path (a subnormal result) nor sees ``-inf``."""
+
+TINY = 2.0 ** EXP2_LOW
+"""Posteriors below this (2^-1000) are exact zeros in the backward pass (no subnormal
+number, which many CPUs process 10-100x slower)."""
 
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 
@@ -176,9 +181,11 @@ def _end_total(alpha, last, end):
 
 
 @njit(**_OPTS)
-def _forward_band(log_b, t0, t1, band, n_bands, end, alpha, prev):
+def _forward_band(log_b, t0, t1, band, n_bands, end, alpha, prev, frac, keep):
     """α of one utterance (frames t0..t1-1) of a left-to-right model; returns its total.
-    ``band[d, j]`` is log2 a(j - d, j) (-inf past the ends); ``prev`` (S + 2) scratch."""
+    ``band[d, j]`` is log2 a(j - d, j) (-inf past the ends); ``prev`` (S + 2) scratch. With
+    ``keep``, ``frac[d, t, j]`` receives the share of α_t(j)'s paths that come from state
+    j - d (the predecessor posteriors, :func:`forward_backward`)."""
     s_count = log_b.shape[1]
     prev[0] = prev[1] = -np.inf
     for j in range(s_count):
@@ -190,9 +197,38 @@ def _forward_band(log_b, t0, t1, band, n_bands, end, alpha, prev):
             a = prev[j + 2] + band[0, j]
             b = prev[j + 1] + band[1, j]
             if n_bands == 3:
-                v = _lse3(a, b, prev[j] + band[2, j])
+                c = prev[j] + band[2, j]
+                top = max(max(a, b), c)
+                if top == -np.inf:
+                    v, fa, fb, fc = -np.inf, 0.0, 0.0, 0.0
+                else:
+                    ea, eb, ec = _exp2(a - top), _exp2(b - top), _exp2(c - top)
+                    norm = ea + eb + ec
+                    v = top + np.log2(norm)
+                    inv = 1.0 / norm
+                    fa, fb, fc = ea * inv, eb * inv, ec * inv
+                if keep:
+                    frac[2, t, j] = fc
             else:
-                v = _lse2(a, b)
+                top = max(a, b)
+                low = min(a, b)
+                if top == -np.inf:
+                    v, fa, fb = -np.inf, 0.0, 0.0
+                elif low == -np.inf:  # one way in: state 0's self-loop, or a closed one
+                    v = top
+                    fa = 1.0 if a >= b else 0.0
+                    fb = 1.0 - fa
+                else:
+                    e = _exp2(low - top)
+                    norm = 1.0 + e
+                    v = top + np.log2(norm)
+                    big = 1.0 / norm
+                    small = e * big
+                    fa = big if a >= b else small
+                    fb = small if a >= b else big
+            if keep:
+                frac[0, t, j] = fa
+                frac[1, t, j] = fb
             alpha[t, j] = v + log_b[t, j]
         for j in range(s_count):
             prev[j + 2] = alpha[t, j]
@@ -200,31 +236,42 @@ def _forward_band(log_b, t0, t1, band, n_bands, end, alpha, prev):
 
 
 @njit(**_OPTS)
-def _forward_dense(log_b, t0, t1, trans, end, pred_ptr, pred, alpha):
-    """α of one utterance under any topology (predecessor lists); returns its total."""
+def _forward_dense(log_b, t0, t1, trans, end, pred_ptr, pred, alpha, frac, keep):
+    """α of one utterance under any topology (predecessor lists); returns its total. With
+    ``keep``, ``frac[k, t, j]`` receives the share of α_t(j)'s paths that come from its
+    k-th predecessor ``pred[pred_ptr[j] + k]``."""
     s_count = log_b.shape[1]
     for j in range(s_count):
         alpha[t0, j] = log_b[t0, 0] if j == 0 else -np.inf
     for t in range(t0 + 1, t1):
         for j in range(s_count):
+            lo, hi = pred_ptr[j], pred_ptr[j + 1]
             top = -np.inf
-            for e in range(pred_ptr[j], pred_ptr[j + 1]):
+            for e in range(lo, hi):
                 top = max(top, alpha[t - 1, pred[e]] + trans[pred[e], j])
             if top == -np.inf:
                 alpha[t, j] = -np.inf
+                if keep:
+                    for e in range(lo, hi):
+                        frac[e - lo, t, j] = 0.0
                 continue
             total = 0.0
-            for e in range(pred_ptr[j], pred_ptr[j + 1]):
-                total += _exp2(alpha[t - 1, pred[e]] + trans[pred[e], j] - top)
+            for e in range(lo, hi):
+                x = _exp2(alpha[t - 1, pred[e]] + trans[pred[e], j] - top)
+                total += x
+                if keep:
+                    frac[e - lo, t, j] = x
+            if keep:
+                inv = 1.0 / total
+                for e in range(lo, hi):
+                    frac[e - lo, t, j] *= inv
             alpha[t, j] = top + np.log2(total) + log_b[t, j]
     return _end_total(alpha, t1 - 1, end)
 
 
 @njit(**_OPTS)
-def forward(log_b, bounds, tidx, topo, alpha, totals):
-    """Forward scores ``alpha`` (N, S) and each utterance's total log2-likelihood
-    (``-inf`` if no path, or no frame). ``topo``: see :func:`forward_backward`."""
-    trans, band, n_bands, end, _, pred_ptr, pred, _, _ = topo
+def _forward(log_b, bounds, tidx, topo, alpha, totals, frac, keep):
+    trans, band, n_bands, end, _, pred_ptr, pred = topo
     prev = np.empty(log_b.shape[1] + 2)
     for u in range(len(bounds) - 1):
         t0, t1 = bounds[u], bounds[u + 1]
@@ -233,81 +280,60 @@ def forward(log_b, bounds, tidx, topo, alpha, totals):
             continue
         m = tidx[u]
         if n_bands:
-            totals[u] = _forward_band(log_b, t0, t1, band[m], n_bands, end[m], alpha, prev)
+            totals[u] = _forward_band(log_b, t0, t1, band[m], n_bands, end[m], alpha, prev,
+                                      frac, keep)
         else:
-            totals[u] = _forward_dense(log_b, t0, t1, trans[m], end[m], pred_ptr, pred, alpha)
+            totals[u] = _forward_dense(log_b, t0, t1, trans[m], end[m], pred_ptr, pred,
+                                       alpha, frac, keep)
 
 
 @njit(**_OPTS)
-def _backward_band(log_b, t0, t1, band, n_bands, alpha, total, gamma, counts, after, beta,
-                   acc):
-    """γ and the transition counts of one utterance of a left-to-right model, given α,
-    its total and ``after = log_b[t1 - 1] + end`` (S + 2, -inf past S)."""
-    s_count = log_b.shape[1]
+def forward(log_b, bounds, tidx, topo, alpha, totals):
+    """Forward scores ``alpha`` (N, S) and each utterance's total log2-likelihood
+    (``-inf`` if no path, or no frame). ``topo``: see :func:`forward_backward`."""
+    _forward(log_b, bounds, tidx, topo, alpha, totals, np.empty((0, 0, 0)), False)
+
+
+@njit(**_OPTS)
+def _backward_band(t0, t1, n_bands, gamma, counts, acc, frac):
+    """γ of frames t1-2..t0 and the transition counts of one utterance of a left-to-right
+    model, from γ of its last frame and the predecessor posteriors ``frac``."""
+    s_count = gamma.shape[1]
     acc[...] = 0.0
     for t in range(t1 - 2, t0 - 1, -1):
         for i in range(s_count):
-            a = band[0, i] + after[i]
-            b = band[1, i + 1] + after[i + 1]
-            c = band[2, i + 2] + after[i + 2] if n_bands == 3 else -np.inf
-            top = max(max(a, b), c)
-            if top == -np.inf:
-                beta[i] = -np.inf
-                gamma[t, i] = 0.0
-                continue
-            if n_bands == 3:
-                ea, eb, ec = _exp2(a - top), _exp2(b - top), _exp2(c - top)
-                norm = ea + eb + ec
-                beta[i] = top + np.log2(norm)
-            else:
-                low = min(a, b)
-                e = _exp2(low - top) if low > -np.inf else 0.0
-                ea = 1.0 if a >= b else e
-                eb = e if a >= b else 1.0
-                ec = 0.0
-                norm = 1.0 + e
-                beta[i] = top + np.log2(norm) if e > 0.0 else top
-            share = _exp2(alpha[t, i] + top - total)  # γ_t(i) = share · norm
-            gamma[t, i] = share * norm
-            acc[0, i] += share * ea
-            acc[1, i] += share * eb
-            acc[2, i] += share * ec
-        for i in range(s_count):
-            after[i] = log_b[t, i] + beta[i]
+            x0 = gamma[t + 1, i] * frac[0, t + 1, i]
+            x1 = gamma[t + 1, i + 1] * frac[1, t + 1, i + 1] if i + 1 < s_count else 0.0
+            x2 = 0.0
+            if n_bands == 3 and i + 2 < s_count:
+                x2 = gamma[t + 1, i + 2] * frac[2, t + 1, i + 2]
+            x0 = x0 if x0 >= TINY else 0.0
+            x1 = x1 if x1 >= TINY else 0.0
+            x2 = x2 if x2 >= TINY else 0.0
+            gamma[t, i] = x0 + x1 + x2
+            acc[0, i] += x0
+            acc[1, i] += x1
+            acc[2, i] += x2
     for d in range(n_bands):
         for i in range(s_count - d):
             counts[i, i + d] = acc[d, i]
 
 
 @njit(**_OPTS)
-def _backward_dense(log_b, t0, t1, trans, succ_ptr, succ, alpha, total, gamma, counts,
-                    after, beta, terms):
-    """γ and the transition counts of one utterance under any topology (successor lists),
-    given α, its total and ``after = log_b[t1 - 1] + end``."""
-    s_count = log_b.shape[1]
+def _backward_dense(t0, t1, pred_ptr, pred, gamma, counts, frac):
+    """γ of frames t1-2..t0 and the transition counts of one utterance under any topology,
+    from γ of its last frame and the predecessor posteriors ``frac``."""
+    s_count = gamma.shape[1]
     for t in range(t1 - 2, t0 - 1, -1):
         for i in range(s_count):
-            top = -np.inf
-            for e in range(succ_ptr[i], succ_ptr[i + 1]):
-                v = trans[i, succ[e]] + after[succ[e]]
-                terms[succ[e]] = v
-                top = max(top, v)
-            if top == -np.inf:
-                beta[i] = -np.inf
-                gamma[t, i] = 0.0
-                continue
-            norm = 0.0
-            for e in range(succ_ptr[i], succ_ptr[i + 1]):
-                x = _exp2(terms[succ[e]] - top)
-                terms[succ[e]] = x
-                norm += x
-            beta[i] = top + np.log2(norm)
-            share = _exp2(alpha[t, i] + top - total)
-            gamma[t, i] = share * norm
-            for e in range(succ_ptr[i], succ_ptr[i + 1]):
-                counts[i, succ[e]] += share * terms[succ[e]]
-        for i in range(s_count):
-            after[i] = log_b[t, i] + beta[i]
+            gamma[t, i] = 0.0
+        for j in range(s_count):
+            lo = pred_ptr[j]
+            for e in range(lo, pred_ptr[j + 1]):
+                x = gamma[t + 1, j] * frac[e - lo, t + 1, j]
+                if x >= TINY:
+                    gamma[t, pred[e]] += x
+                    counts[pred[e], j] += x
 
 
 @njit(**_OPTS)
@@ -317,17 +343,27 @@ def forward_backward(log_b, bounds, tidx, topo, alpha, gamma, counts, totals):
     utterance that no path aligns gets ``-inf`` and zeros. ``alpha`` (N, S) is scratch.
 
     ``topo`` = (trans (M, S, S), band (M, 3, S + 2), n_bands, end (M, S), has_exit (M,),
-    pred_ptr, pred, succ_ptr, succ), all log2 (:class:`emdist.models.hmm._Topology`):
+    pred_ptr, pred), all log2 (:class:`emdist.models.hmm._Topology`):
     with ``n_bands`` (2, or 3 with skips) the left-to-right loops run on the bands, else
-    the lists of allowed transitions.
+    on the lists of allowed transitions.
+
+    The forward pass keeps, for every frame t and state j, the share of α_t(j) that comes
+    from each predecessor i: ``p_t(i → j) = 2^(α_t-1(i) + a_ij - (α_t(j) - b_t(j)))``, the
+    posterior of being in i at t - 1 given state j at t (and the frames to t - 1, which is
+    all that matters in a Markov chain). The backward pass then needs no β: from γ at the
+    last frame (``2^(α + end - total)``), ``ξ_t-1(i, j) = γ_t(j) · p_t(i → j)`` and ``γ_t-1(i)
+    = Σ_j ξ_t-1(i, j)``, sums of products of probabilities in [0, 1], which neither
+    underflow (terms below 2^-1000 are exact zeros) nor need scaling.
     """
-    trans, band, n_bands, end, has_exit, _, _, succ_ptr, succ = topo
+    trans, band, n_bands, end, has_exit, pred_ptr, pred = topo
     s_count = log_b.shape[1]
-    beta = np.empty(s_count)
-    after = np.full(s_count + 2, -np.inf)
-    terms = np.empty(s_count)
+    slots = n_bands
+    if not n_bands:
+        for j in range(s_count):
+            slots = max(slots, pred_ptr[j + 1] - pred_ptr[j])
+    frac = np.empty((max(slots, 1), log_b.shape[0], s_count))
     acc = np.empty((3, s_count))
-    forward(log_b, bounds, tidx, topo, alpha, totals)
+    _forward(log_b, bounds, tidx, topo, alpha, totals, frac, True)
     for u in range(len(bounds) - 1):
         t0, t1 = bounds[u], bounds[u + 1]
         counts[u] = 0.0
@@ -342,13 +378,10 @@ def forward_backward(log_b, bounds, tidx, topo, alpha, gamma, counts, totals):
             gamma[last, i] = g
             if has_exit[m]:
                 counts[u, i, s_count] = g
-            after[i] = log_b[last, i] + end[m, i]
         if n_bands:
-            _backward_band(log_b, t0, t1, band[m], n_bands, alpha, total, gamma, counts[u],
-                           after, beta, acc)
+            _backward_band(t0, t1, n_bands, gamma, counts[u], acc, frac)
         else:
-            _backward_dense(log_b, t0, t1, trans[m], succ_ptr, succ, alpha, total, gamma,
-                            counts[u], after, beta, terms)
+            _backward_dense(t0, t1, pred_ptr, pred, gamma, counts[u], frac)
 
 
 @njit(**_OPTS)
@@ -356,7 +389,7 @@ def viterbi(log_b, bounds, tidx, topo, delta, back, best, paths):
     """Best paths: ``paths`` (N,) the state of each frame (-1 for an utterance with no path)
     and ``best`` (B,) their log2-likelihoods. ``delta`` (N, S) and ``back`` (N, S) are
     scratch. Ties go to the lowest predecessor and the lowest final state."""
-    trans, _, _, end, _, pred_ptr, pred, _, _ = topo
+    trans, _, _, end, _, pred_ptr, pred = topo
     s_count = log_b.shape[1]
     for u in range(len(bounds) - 1):
         t0, t1 = bounds[u], bounds[u + 1]
