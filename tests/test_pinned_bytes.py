@@ -29,7 +29,7 @@ PINNED = {
     ("2.4.6", "openblas", "SkylakeX"): {
         "default": "2ec210ddafe1da903fd20b3fe47db587c03b831f4d76e562823d1d046d1dd108",
         "global-diag": "387ec229de937c7dfc1eb6cb52d08b93ae5aaa8c15aca311974763183ce8bf66",
-        "hmm": "9a671004300fcd8c0a3fcb1649e591ab1df412c623856c608d68f653ac90cbce",
+        "hmm": "5a1d074c5ce34670ab4aefb335073f1453b40cc47c518ff33e15fa1af97e48e3",
         "kmeans": "abc2288166d86358c7ed117d7e8fb79ebc8a7bad277b50ff0f2fa3b1d86ce14a",
     },
 }
