@@ -127,6 +127,10 @@ def _run(verbose: bool, func, *args, **kwargs):
     except KeyboardInterrupt:
         typer.echo("emdist: interrupted", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # the reader of standard output went away (| head): end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:  # an unexpected failure: one line unless --verbose
         if verbose:
             traceback.print_exc()

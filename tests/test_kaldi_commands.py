@@ -434,3 +434,18 @@ def test_full_covariance_models_go_through_the_commands(tmp_path, train_data):
     want, _ = m_step(load_stats(tmp_path / "e.stats")["global"],
                      MStepOptions(min_gaussian_occupancy=200), read_kaldi_model(model))
     assert_gmm_close(read_kaldi_model(tmp_path / "new.mdl"), want, rtol=1e-5)
+
+
+def test_standard_output_closed_early_ends_quietly(tmp_path, train_data):
+    """``emdist get-frame-likes ... ark,t:- | head -1``: the rest of the table has no
+    reader; emdist stops without an error message (status 141, as a filter killed by
+    SIGPIPE), like Kaldi's tools."""
+    scp = write_scp(tmp_path / "f.scp", train_data.utts)
+    emdist = " ".join(emdist_command())
+    done = subprocess.run(
+        ["bash", "-c", f"{emdist} get-frame-likes {MODEL} scp:{scp} ark,t:- | head -1; "
+         "echo status ${PIPESTATUS[0]} >&2"],
+        capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith(train_data.utts[0].utt_id) and done.stdout.count("\n") == 1
+    assert done.stderr.splitlines()[-1] == "status 141"
+    assert "error" not in done.stderr

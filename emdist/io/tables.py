@@ -331,18 +331,26 @@ class _Output:
                             "its directory exists and is writable") from None
         self.tmp, self.fh = tmp, os.fdopen(fd, "wb")
 
+    def _failed(self, exc: OSError) -> Exception:
+        """A write error as a WriteFailure naming the file; a reader of standard output that
+        went away (``... ark,t:- | head``) stays a BrokenPipeError, which the CLI ends
+        quietly, as Kaldi's tools and other Unix filters do."""
+        if isinstance(exc, BrokenPipeError) and self.path == "-":
+            return exc
+        return WriteFailure(self.path, exc.strerror or str(exc))
+
     def write(self, data: bytes) -> None:
         try:
             self.fh.write(data)
         except OSError as exc:
-            raise WriteFailure(self.path, exc.strerror or str(exc)) from None
+            raise self._failed(exc) from None
         self.pos += len(data)
 
     def flush(self) -> None:
         try:
             self.fh.flush()
         except OSError as exc:
-            raise WriteFailure(self.path, exc.strerror or str(exc)) from None
+            raise self._failed(exc) from None
 
     def finish(self) -> None:
         """Flush; a file is synced and renamed to its name."""
@@ -354,7 +362,7 @@ class _Output:
                 os.replace(self.tmp, self.path)
                 self.tmp = None
         except OSError as exc:
-            raise WriteFailure(self.path, exc.strerror or str(exc)) from None
+            raise self._failed(exc) from None
 
     def discard(self) -> None:
         """Close and remove the temporary file (stdout is left alone)."""
