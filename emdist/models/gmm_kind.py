@@ -104,10 +104,7 @@ class GmmKind:
         }
         arrays = {}
         for i, label in enumerate(labels):
-            gmm = models[label]
-            arrays[f"{i}.weights"] = gmm.weights
-            arrays[f"{i}.means"] = gmm.means
-            arrays[f"{i}.covariances"] = gmm.covariances
+            arrays.update(gmm_to_arrays(f"{i}.", models[label]))
         return meta, arrays
 
     def file_layout(self, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -119,14 +116,24 @@ class GmmKind:
         return out
 
     def from_file(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> dict[str, GMM]:
-        return {
-            label: GMM(arrays[f"{i}.weights"], arrays[f"{i}.means"],
-                       arrays[f"{i}.covariances"], meta["covariance_type"])
-            for i, label in enumerate(meta["labels"])
-        }
+        return {label: gmm_from_arrays(f"{i}.", arrays, meta["covariance_type"])
+                for i, label in enumerate(meta["labels"])}
 
 
 KIND = GmmKind()
+
+
+def gmm_to_arrays(prefix: str, gmm: GMM) -> dict[str, np.ndarray]:
+    """A GMM's arrays in a model file: ``<prefix>weights``, ``means``, ``covariances``."""
+    return {f"{prefix}weights": gmm.weights, f"{prefix}means": gmm.means,
+            f"{prefix}covariances": gmm.covariances}
+
+
+def gmm_from_arrays(prefix: str, arrays: Mapping[str, np.ndarray],
+                    covariance_type: str) -> GMM:
+    """The GMM :func:`gmm_to_arrays` wrote under ``prefix``."""
+    return GMM(arrays[f"{prefix}weights"], arrays[f"{prefix}means"],
+               arrays[f"{prefix}covariances"], covariance_type)
 
 
 def gaussian_arrays(prefix: str, label: str, k: int, dim: int,

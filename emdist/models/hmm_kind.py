@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emdist.models.gmm import GMM
-from emdist.models.gmm_kind import gaussian_arrays
+from emdist.models.gmm_kind import gaussian_arrays, gmm_from_arrays, gmm_to_arrays
 from emdist.models.hmm import (
     DEFAULT_BATCH_FRAMES,
     HMM,
@@ -169,9 +168,7 @@ class HmmKind:
         for i, lab in enumerate(labels):
             arrays[f"{i}.transitions"] = models[lab].transitions
             for s, gmm in enumerate(models[lab].states):
-                arrays[f"{i}.{s}.weights"] = gmm.weights
-                arrays[f"{i}.{s}.means"] = gmm.means
-                arrays[f"{i}.{s}.covariances"] = gmm.covariances
+                arrays.update(gmm_to_arrays(f"{i}.{s}.", gmm))
         return meta, arrays
 
     def file_layout(self, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -188,10 +185,8 @@ class HmmKind:
     def from_file(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> dict[str, HMM]:
         out = {}
         for i, lab in enumerate(meta["labels"]):
-            states = tuple(
-                GMM(arrays[f"{i}.{s}.weights"], arrays[f"{i}.{s}.means"],
-                    arrays[f"{i}.{s}.covariances"], meta["covariance_type"])
-                for s in range(len(meta["n_components"][i])))
+            states = tuple(gmm_from_arrays(f"{i}.{s}.", arrays, meta["covariance_type"])
+                           for s in range(len(meta["n_components"][i])))
             out[lab] = HMM(states, arrays[f"{i}.transitions"])
         return out
 
