@@ -245,6 +245,22 @@ def kill_driver_after(train_args: Sequence, exp: Path, model: str = "3.mdl",
     assert (exp / model).exists() and not (exp / "final.mdl").exists(), "kill came too late"
 
 
+def read_fails_in_one_line(reader, path: Path, data: bytes, what: str = "") -> str:
+    """Write ``data`` to ``path``; ``reader(path)`` must raise a one-line UserError naming
+    ``path``. Returns its message."""
+    import pytest
+
+    from emdist.errors import UserError
+
+    path.write_bytes(data)
+    with pytest.raises(UserError) as info:
+        reader(path)
+    message = str(info.value)
+    assert str(path) in message, what
+    assert "\n" not in message, what
+    return message
+
+
 def corrupt_and_read(reader, sources: Sequence[bytes], path: Path, rng, times: int) -> None:
     """Write ``times`` copies of random ``sources`` with 1-3 random bytes changed to ``path``
     and read each with ``reader``: it succeeds or raises a one-line UserError naming

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from helpers import KALDI_MODELS, corrupt_and_read
+from helpers import KALDI_MODELS, corrupt_and_read, read_fails_in_one_line
 from scipy.special import logsumexp
 
 import emdist
@@ -256,12 +256,7 @@ def test_writer_refuses_what_kaldi_cannot_hold(tmp_path):
 # -- hostile input ---------------------------------------------------------------------------
 
 def expect_user_error(path, data: bytes, what: str = "", match: str | None = None) -> str:
-    path.write_bytes(data)
-    with pytest.raises(UserError) as info:
-        read_kaldi_accs(path)
-    message = str(info.value)
-    assert str(path) in message, what
-    assert "\n" not in message, what
+    message = read_fails_in_one_line(read_kaldi_accs, path, data, what)
     if match is not None:
         assert match in message, (what, message)
     return message
