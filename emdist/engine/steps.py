@@ -41,7 +41,7 @@ from emdist.io.tables import read_features
 from emdist.models.estep import EStepOptions, make_kernel
 from emdist.models.initialize import split
 from emdist.models.kernel import Scorer
-from emdist.models.kind import kind_of_models, per_frame
+from emdist.models.kind import kind_of_models, per_frame, update_models
 from emdist.models.mstep import GMM_FLAGS, MStepOptions, UpdateReport
 from emdist.models.stats import StatsMap, add_maps, tree_sum
 from emdist.tasks import (
@@ -225,12 +225,11 @@ def estimate(models: ModelFile, stats: StatsFile, options: MStepOptions, mix_up:
         raise UserError(f"{stats.path}: --update-flags {options.update_flags} needs statistics "
                         f"the accumulators do not hold (their flags: {stats.flags}); "
                         "accumulate with those flags")
+    without = sorted(set(models.models) - set(keyed))
+    if without:
+        raise UserError(f"{stats.path}: no statistics for model {without[0]!r}")
+    new, reports = update_models(models.models, keyed, options)
     kind = kind_of_models(models.models)
-    new, reports = {}, {}
-    for label in sorted(models.models):
-        if label not in keyed:
-            raise UserError(f"{stats.path}: no statistics for model {label!r}")
-        new[label], reports[label] = kind.update(keyed[label], options, models.models[label])
     if mix_up:
         if kind.name != "gmm":
             raise UserError(f"--mix-up splits Gaussians of GMMs; {models.path} holds "

@@ -22,7 +22,7 @@ from emdist.io.modelio import atomic_write_text
 from emdist.models.estep import EStepOptions
 from emdist.models.gmm import GMM
 from emdist.models.gselect import kept_bytes_per_frame
-from emdist.models.kind import kind_of
+from emdist.models.kind import update_models
 from emdist.models.mstep import MStepOptions, UpdateReport
 from emdist.models.stats import StatsMap
 from emdist.tasks import (
@@ -248,14 +248,7 @@ class Trainer:
     def update(self, models, stats: StatsMap, options: MStepOptions | None = None):
         """Update of every model by its kind; returns the new models and the per-model
         reports (:class:`emdist.models.mstep.UpdateReport`)."""
-        options = options or self.config.mstep
-        new, reports = {}, {}
-        for label in sorted(models):
-            if label not in stats:
-                raise UserError(f"model {label!r} has no frames in the data")
-            kind = kind_of(models[label])
-            new[label], reports[label] = kind.update(stats[label], options, models[label])
-        return new, reports
+        return update_models(models, stats, options or self.config.mstep)
 
     def sample(self, labels: list[str]) -> dict[str, np.ndarray]:
         """Every ``stride``-th frame of each model's stream, at most ``max_sample_frames``

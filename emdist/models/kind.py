@@ -143,6 +143,19 @@ def stats_type_named(name: str) -> type | None:
     return None if kind is None else get_kind(kind).stats_type
 
 
+def update_models(models: Mapping[str, Any], stats: Mapping[str, Stats],
+                  options) -> tuple[dict, dict]:
+    """Every model updated by its kind from its own statistics (the M-step of a whole
+    model file): the new models and each model's report, by label."""
+    new, reports = {}, {}
+    for label in sorted(models):
+        if label not in stats:
+            raise UserError(f"model {label!r} has no frames in the data")
+        new[label], reports[label] = kind_of(models[label]).update(stats[label], options,
+                                                                   models[label])
+    return new, reports
+
+
 def per_frame(stats: Mapping[str, Stats]) -> tuple[float, int]:
     """(log-likelihood per frame, frames) of a statistics map of any kind."""
     frames = sum(s.frames for s in stats.values())
