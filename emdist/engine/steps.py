@@ -36,6 +36,7 @@ from emdist.io.modelio import (
     check_stats_fit,
     load_models,
     load_stats,
+    stats_shape,
 )
 from emdist.io.tables import read_features
 from emdist.models.estep import EStepOptions, make_kernel
@@ -182,7 +183,7 @@ def sum_stats(paths: Sequence[str | os.PathLike]) -> StatsFile:
     seen: dict[str, tuple] = {}
     for f, stats in zip(files, maps, strict=True):
         for label, s in sorted(stats.items()):
-            shape = _shape(s)
+            shape = (type(s).__name__, stats_shape(s))
             ref = seen.setdefault(label, (f.path, shape))
             if ref[1] != shape:
                 raise UserError(
@@ -192,13 +193,6 @@ def sum_stats(paths: Sequence[str | os.PathLike]) -> StatsFile:
     flags = "".join(c for c in GMM_FLAGS if all(c in f.flags for f in files))
     return StatsFile(Path(paths[-1]), tree_sum(maps, add_maps), flags,
                      all(f.kaldi for f in files))
-
-
-def _shape(stats) -> tuple:
-    gmm = getattr(stats, "gmm", stats)
-    trans = getattr(stats, "transitions", None)
-    return (type(stats).__name__, gmm.second.shape if trans is None else
-            (gmm.second.shape, trans.shape))
 
 
 # -- est -----------------------------------------------------------------------------------

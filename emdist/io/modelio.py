@@ -670,7 +670,9 @@ def load_stats(path: str | os.PathLike) -> dict:
     return stats
 
 
-def _stats_shape(stats) -> tuple:
+def stats_shape(stats) -> tuple:
+    """The shape of a statistics value: its second-order array's, with an HMM's transition
+    counts' (statistics of the same models have the same shape)."""
     gmm = getattr(stats, "gmm", stats)
     trans = getattr(stats, "transitions", None)
     return gmm.second.shape if trans is None else (gmm.second.shape, trans.shape)
@@ -702,7 +704,7 @@ def check_stats_fit(stats: Mapping, models: Mapping, path: str | os.PathLike) ->
         if type(s).__name__ != want:
             raise UserError(f"{path}: statistics of {label!r} are {type(s).__name__}, but the "
                             f"model is a {kind} model (it needs {want})")
-        got, need = _stats_shape(s), _model_shape(model)
+        got, need = stats_shape(s), _model_shape(model)
         if kind == "kmeans":  # hard statistics of a codebook are diagonal
             got = got[:2] if len(got) == 3 else got
         if got != need:
