@@ -804,7 +804,7 @@ def _est(model: Path, stats_path: Path, model_out: Path, mstep: dict, mix_up: in
     models = read_model_file(model)
     stats = read_stats_file(stats_path)
     new, reports = estimate(models, stats, MStepOptions(**mstep), mix_up, perturb_factor, seed)
-    for line in describe_update(stats, reports):
+    for line in describe_update(stats, models, reports):
         log.info("%s", line)
     if models.kaldi:
         write_kaldi_model(model_out, next(iter(new.values())), binary=binary)

@@ -237,15 +237,15 @@ def estimate(models: ModelFile, stats: StatsFile, options: MStepOptions, mix_up:
     return new, reports
 
 
-def describe_update(stats: StatsFile, reports: Mapping[str, UpdateReport]) -> list[str]:
-    """Log lines of an update: frames, log-likelihood, floored and removed Gaussians."""
+def describe_update(stats: StatsFile, models: ModelFile,
+                    reports: Mapping[str, UpdateReport]) -> list[str]:
+    """Log lines of an update: frames, log-likelihood, and per model what the update did
+    (:meth:`UpdateReport.line`, as in the trainer's update logs)."""
     ll, frames = per_frame(stats.stats)
     lines = [f"{frames} frames" + ("" if stats.kaldi else
                                    f"; log-likelihood per frame {ll:.6f} under the input model")]
-    for label, r in sorted(reports.items()):
-        lines.append(f"model {label}: {r.n_components_in} -> {r.n_components_out} Gaussians, "
-                     f"floored {r.floored_elements} elements in {r.floored_gaussians} "
-                     f"Gaussians, removed {len(r.removed)}, not updated {len(r.not_updated)}")
+    keyed = match_labels(stats, models)
+    lines += [r.line(label, keyed[label].occupancy) for label, r in sorted(reports.items())]
     return lines
 
 

@@ -279,13 +279,7 @@ class Trainer:
                          reports: Mapping[str, UpdateReport]) -> None:
         if self.exp is None:
             return
-        lines = [
-            f"model {label}: {r.n_components_in} -> {r.n_components_out} Gaussians, "
-            f"occupancy {stats[label].occupancy:.1f}, floored {r.floored_elements} elements "
-            f"in {r.floored_gaussians} Gaussians, removed {r.removed}, kept starved "
-            f"{r.not_updated}"
-            for label, r in reports.items()
-        ]
+        lines = [r.line(label, stats[label].occupancy) for label, r in reports.items()]
         self.exp.write_update_log(name, command, lines)
 
 

@@ -133,6 +133,13 @@ class UpdateReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def line(self, label: str, occupancy: float) -> str:
+        """One log line: what the update did to model ``label`` (update logs, ``est``)."""
+        return (f"model {label}: {self.n_components_in} -> {self.n_components_out} Gaussians, "
+                f"occupancy {occupancy:.1f}, floored {self.floored_elements} elements in "
+                f"{self.floored_gaussians} Gaussians, removed {self.removed}, kept starved "
+                f"{self.not_updated}")
+
 
 def m_step(
     stats: GmmStats, options: MStepOptions, previous: GMM | None = None
