@@ -365,3 +365,26 @@ def test_streamed_passes_send_references_to_kept_shards(threads, data):
     assert trainer.cache_mode == "none"
     assert all(isinstance(s, Future) for s in trainer.sources)
     assert [s.result().index for s in trainer.sources] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_models_reach_the_workers_as_tasks_not_as_scattered_data(processes, data,
+                                                                 serial_runs, tmp_path):
+    """Scattered data cannot be computed again when its holders die, and a broadcast
+    scatter runs the scheduler's replicate, which loops for ever when a worker dies during
+    it (a CI run hung so, with one of two SGE workers deleted by qdel). Each pass's model is
+    the result of a task instead, which the scheduler can run again (the kill tests of
+    test_cluster_runs.py and test_model_kinds.py prove that part): no scatter is recorded."""
+    client = processes.client
+
+    def scatters() -> int:
+        return sum(e.get("action") == "scatter" for _, e in client.get_events("all"))
+
+    before = scatters()
+    exp = tmp_path / "exp"
+    train_tiny(data, exp, backend=processes, feature_cache="memory", init="kmeans",
+               **TRAIN_OPTIONS)
+    assert scatters() == before
+    assert model_bytes(exp) == model_bytes(serial_runs["kmeans"])
+    client.scatter([np.zeros(3)], hash=False)  # what the count above would have seen
+    assert scatters() == before + 1

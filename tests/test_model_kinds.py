@@ -326,14 +326,10 @@ class KillAll:
 
 @pytest.mark.timeout(20)
 def test_all_workers_killed_at_once_cost_time_not_results(serial_exp, train_dir, tmp_path):
-    # Fails (emdist bug, any model kind: a GMM hangs the same way): the pass's models were
-    # scattered (broadcast) to the workers alive then; when all of them die, the scheduler
-    # logs "Removing worker ... caused the cluster to lose scattered data, which can't be
-    # recovered" and "Lost all workers", the nannies restart the workers, but the pass's
-    # futures never finish nor get cancelled: DaskBackend._wait (emdist/backends/
-    # dask_backend.py, ``for fut in as_completed(futures)``) waits forever and _retry_lost
-    # never sees the lost data. Also when one worker is killed while its replacement for an
-    # earlier kill is still starting (on a small corpus, ~1 s of passes).
+    # Every copy of the pass's models and cached shards dies with the workers; the nannies
+    # restart them, and the scheduler computes the lost results again from their tasks
+    # (the shards, placed on workers that are gone, once DaskBackend._wait has released
+    # them from that placement).
     from emdist.backends.dask_backend import DaskBackend
 
     exp0 = serial_exp("hmm")

@@ -1,8 +1,11 @@
 """The Dask backend: one task per shard on an embedded LocalCluster or a remote scheduler.
 
-* The model is scattered once per call (broadcast, so losing a worker loses no copy), not
-  embedded in every task; small arguments (options, flags) travel inside the tasks. All
-  tasks of a call go to the scheduler in one message.
+* The model goes to the cluster once per call, as the argument of one task whose result
+  the shard tasks share, not embedded in every task; small arguments (options, flags)
+  travel inside the tasks. All tasks of a call go to the scheduler in one message. A
+  model copy lost with its worker is recomputed from that task. (A broadcast
+  ``client.scatter`` was not: scattered data cannot be recomputed, and the scheduler's
+  replicate, which the broadcast runs, loops for ever when a worker dies during it.)
 * With the feature cache, each shard is read once by a ``load_shard`` task whose result
   stays in worker memory (``allow_other_workers=True``: a replaced worker's shards are
   rebuilt from their lineage, i.e. re-read); without it, tasks stream from disk.
@@ -54,6 +57,8 @@ STALL_POLLS = 3
 """Polls without a finished task after which a pass asks the scheduler whether its inputs
 were lost or its tasks are stuck (so that long healthy tasks cost no scheduler work)."""
 LOST_DATA_RETRIES = 3
+FETCH_SECONDS = 10.0
+"""How long a fetch of finished results may take before they are waited for again."""
 # A pass whose statistics (about the models' size per shard) stay below this keeps its
 # results until the next pass's tasks are sent (see _map_reduce).
 HOLD_BYTES = 16 * 2**20
@@ -224,8 +229,6 @@ class DaskBackend:
         self._balanced: tuple[frozenset, tuple] | None = None
         # the futures of the last call, released once the next call's tasks are sent
         self._held: list = []
-        # the scattered inputs of the current call (watched while it runs)
-        self._shared: list = []
         self.wait_timeout = 60.0
         """Seconds to wait for workers when the cluster has none (--wait-timeout)."""
         self._address = str(getattr(client.scheduler, "address", "") or "(unknown)")
@@ -371,8 +374,7 @@ class DaskBackend:
         lineage."""
         self._call += 1
         name = getattr(func, "__name__", "task")
-        held = [self.client.submit(_identity, a, key=f"{name}-arg{i}-{self._token}-{self._call}",
-                                   pure=False) for i, a in enumerate(args)]
+        held = self._send_args(name, args)
         workers = sorted(self._workers())
         futures = [
             self.client.submit(func, source, *held, retries=RETRIES, pure=False,
@@ -421,26 +423,36 @@ class DaskBackend:
         self._balanced = (frozenset(workers), tuple(f.key for f in moved))
         return moved
 
+    def _send_args(self, name: str, args: Sequence) -> list:
+        """The arguments of this call's tasks: small plain values as they are, the others
+        (models, shard lists) each as the result of one task, which the scheduler can
+        compute again if every copy is lost with its worker. The tasks carry their argument
+        to the scheduler once; a model of more than Dask's large-graph threshold (10 MB)
+        is no sign of a badly built graph here, so Dask's warning about it is not given."""
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4GiB"}):
+            return [a if _inline(a) else self.client.submit(
+                        _identity, a, key=f"{name}-arg{i}-{self._token}-{self._call}",
+                        pure=False)
+                    for i, a in enumerate(args)]
+
     def _submit_all(self, func: Callable, sources: Sequence, args: Sequence) -> list:
         """One task per source, sent to the scheduler in one message."""
         self._call += 1
         name = getattr(func, "__name__", "task")
-        # A list of one item scatters the item whole (a dict would be split by key).
-        shared = [a if _inline(a) else self.client.scatter([a], hash=False, broadcast=True)[0]
-                  for a in args]
+        shared = self._send_args(name, args)
         n = len(sources)
         keys = [f"{name}-{self._token}-{self._call}-{i}" for i in range(n)]
-        self._shared = [a for a in shared if isinstance(a, Future)]
         futures = self.client.map(func, list(sources), *([a] * n for a in shared), key=keys,
                                   retries=RETRIES, pure=False)
         self._held = []  # the last pass's results: released behind these tasks
         return futures
 
     def _wait(self, futures: list, on_done: Callable[[int], None] | None) -> None:
-        """Wait for every future, watching the cluster: scattered inputs lost with their
-        workers (every worker killed at once) end the wait as lost jobs, which
-        :meth:`_retry_lost` sends again; a cluster left without workers is waited for
-        ``wait_timeout`` seconds, then the run fails naming the scheduler."""
+        """Wait for every future, watching the cluster: a result lost with its worker
+        ("lost") is waited for again while the scheduler computes it again; tasks stuck
+        although workers are up are released (:func:`_unstick`); a cluster left without
+        workers is waited for ``wait_timeout`` seconds, then the run fails naming the
+        scheduler."""
         index = {f.key: i for i, f in enumerate(futures)}
         pending = list(futures)
         alone_since = None
@@ -454,7 +466,7 @@ class DaskBackend:
                 pass
             still = []
             for fut in pending:
-                if fut.status == "pending":
+                if fut.status in ("pending", "lost"):
                     still.append(fut)
                 elif fut.status == "finished" and on_done is not None:
                     on_done(index[fut.key])
@@ -466,22 +478,26 @@ class DaskBackend:
             if alone_since is not None or idle < STALL_POLLS:
                 continue
             idle = 0  # the scheduler is asked at most every STALL_POLLS polls
-            if self._lost_inputs():
-                raise JobsFailed([JobFailure(index[f.key], FutureCancelledError(
-                    f.key, "lost its inputs with the workers that held them"), "")
-                    for f in pending], len(futures))
             self.client.run_on_scheduler(_unstick, self._token)
         self._raise_failures(futures)
 
-    def _lost_inputs(self) -> bool:
-        """A scattered input of the current call is gone: no worker holds it any more (the
-        scheduler cannot recompute scattered data, and its dependents would wait forever)."""
-        if not self._shared:
-            return False
-        if any(f.status != "finished" for f in self._shared):
-            return True
-        who_has = self.client.who_has(self._shared)
-        return any(not who_has.get(f.key) for f in self._shared)
+    def _fetch(self, futures: list) -> list:
+        """The results of ``futures``, waited for under :meth:`_wait`'s watch. A result
+        lost with its worker after the wait is computed again, and the client's fetch
+        waits for it without any watch (for ever, on a cluster that lost every worker):
+        so a fetch that takes ``FETCH_SECONDS`` is given up and the futures are waited
+        for again (the limit doubles each time, for results that are merely large)."""
+        limit = FETCH_SECONDS
+
+        async def gather():
+            return await self.client.gather(futures, asynchronous=True)
+
+        while True:
+            self._wait(futures, None)
+            try:
+                return self.client.sync(gather, callback_timeout=limit)
+            except TimeoutError:
+                limit *= 2
 
     def _check_workers(self, alone_since: float | None) -> float | None:
         """None while the scheduler answers and has workers; else since when it does not,
@@ -525,9 +541,9 @@ class DaskBackend:
             raise JobsFailed(failures, len(futures))
 
     def _retry_lost(self, run: Callable[[], Any]) -> Any:
-        """Redo a pass whose scattered inputs were lost with a dead worker; a pass that
-        finds no worker waits ``wait_timeout`` for one; a lost scheduler is
-        :class:`ClusterLost`."""
+        """Redo a pass whose tasks were cancelled (``lost dependencies``: an input that
+        a caller scattered was lost with its worker); a lost scheduler is
+        :class:`ClusterLost` once it has not come back within ``wait_timeout``."""
         for attempt in range(LOST_DATA_RETRIES + 1):
             try:
                 return run()
@@ -538,10 +554,6 @@ class DaskBackend:
             except FutureCancelledError:
                 if attempt == LOST_DATA_RETRIES:
                     raise
-            except TimeoutError as exc:  # scatter(broadcast=True) to a cluster of none
-                if "no valid workers" not in str(exc).lower():
-                    raise
-                self._wait_for_a_worker()
             except OSError:  # CommClosedError and the like: is the scheduler still there?
                 if not self._scheduler_came_back():
                     raise self._lost_scheduler() from None
@@ -568,25 +580,12 @@ class DaskBackend:
                            f"and it did not come back within {self.wait_timeout:g} s "
                            "(--wait-timeout)")
 
-    def _wait_for_a_worker(self) -> None:
-        """After a scatter found no worker: that scatter already waited the client's
-        timeout (``--wait-timeout`` on a cluster emdist connected to), so a cluster still
-        without workers is lost now; one with workers again gets the pass again."""
-        try:
-            self.client.wait_for_workers(1, timeout=min(1.0, self.wait_timeout))
-        except TimeoutError:
-            raise ClusterLost(f"every worker of the Dask cluster at {self._address} was lost, "
-                              f"and none came back within {self.wait_timeout:g} s "
-                              "(--wait-timeout)") from None
-        except OSError:
-            raise self._lost_scheduler() from None
-
     def map(self, func: Callable, sources: Sequence, *args: Any,
             on_done: Callable[[int], None] | None = None) -> list:
         def run():
             futures = self._submit_all(func, sources, args)
             self._wait(futures, on_done)
-            results = self.client.gather(futures)
+            results = self._fetch(futures)
             raise_bad_data(results)
             return results
 
@@ -619,7 +618,7 @@ class DaskBackend:
         self._wait(futures, on_done)
         if len(tree):
             self._wait(tree, None)
-        result = level[0].result()
+        result = self._fetch(level[:1])[0]
         raise_bad_data([result], total=len(sources), by_job=True)
         return result
 
