@@ -369,6 +369,40 @@ def _cancelled(exp: Path) -> float:
     return time.monotonic()
 
 
+def _stuck_state(workdir: Path, driver) -> str:
+    """What a hung run was waiting for: the driver's Python stacks (py-spy, where
+    installed), the scheduler's tasks that are not in memory, and the worker jobs' logs."""
+    parts = []
+    pyspy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
+    if pyspy:
+        out = subprocess.run([pyspy, "dump", "--pid", str(driver.pid)], capture_output=True,
+                             text=True, timeout=30)
+        parts.append("--- driver stacks (py-spy)\n" + out.stdout[-6000:] + out.stderr[-500:])
+    sched_files = sorted(workdir.glob("*.json"))
+    if sched_files:
+        code = ("import sys, distributed\n"
+                "c = distributed.Client(scheduler_file=sys.argv[1], timeout=10)\n"
+                "def tasks(dask_scheduler):\n"
+                "    return sorted((str(k), ts.state, [w.name for w in ts.who_has or ()],\n"
+                "                   ts.processing_on.name if ts.processing_on else None)\n"
+                "                  for k, ts in dask_scheduler.tasks.items()\n"
+                "                  if ts.state != 'memory')\n"
+                "print('workers:', [w['name'] for w in c.scheduler_info()['workers'].values()])\n"
+                "for t in c.run_on_scheduler(tasks): print(*t)\n"
+                "print(c.run(lambda dask_worker: {str(k): ts.state for k, ts in\n"
+                "      dask_worker.state.tasks.items() if ts.state != 'memory'}))\n")
+        try:
+            out = subprocess.run([sys.executable, "-c", code, str(sched_files[0])],
+                                 capture_output=True, text=True, timeout=30)
+            parts.append("--- scheduler tasks not in memory\n" + out.stdout[-6000:]
+                         + out.stderr[-1500:])
+        except subprocess.TimeoutExpired:
+            parts.append("--- the scheduler did not answer within 30 s")
+    for log in sorted(workdir.glob("emdist-worker.o*")):
+        parts.append(f"--- {log.name}\n" + log.read_text(errors="replace")[-4000:])
+    return "\n" + "\n".join(parts)
+
+
 def _outcome(procs, driver, exp, serial_bytes, cancelled_at, lost: str, gone,
              expect: str, bound: float = WAIT + 15) -> str:
     """How the run ended, which must be within --wait-timeout of the loss (plus what was
@@ -382,9 +416,10 @@ def _outcome(procs, driver, exp, serial_bytes, cancelled_at, lost: str, gone,
         time.sleep(0.1)
     rc = driver.poll()
     if rc is None:
+        state = _stuck_state(exp.parent, driver)
         driver.kill()
         pytest.fail(f"the driver did not end {bound} s after {lost} were cancelled\n"
-                    + procs.logs())
+                    + procs.logs() + state)
     log = procs.log("driver")
     assert gone_mid_run, "the run ended before the workers were gone\n" + procs.logs()
     if rc == 0:
