@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -263,16 +264,22 @@ def read_fails_in_one_line(reader, path: Path, data: bytes, what: str = "") -> s
 
 def corrupt_and_read(reader, sources: Sequence[bytes], path: Path, rng, times: int) -> None:
     """Write ``times`` copies of random ``sources`` with 1-3 random bytes changed to ``path``
-    and read each with ``reader``: it succeeds or raises a one-line UserError naming
-    ``path``, never another exception."""
-    from emdist.errors import UserError
+    and read each with ``reader``: it succeeds (with emdist's one-line warnings naming
+    ``path``, if any) or raises a one-line UserError naming ``path``, never another
+    exception."""
+    from emdist.errors import EmdistWarning, UserError
 
     for _ in range(times):
         data = bytearray(sources[rng.integers(len(sources))])
         for _ in range(rng.integers(1, 4)):
             data[rng.integers(len(data))] = rng.integers(256)
         path.write_bytes(bytes(data))
-        try:
-            reader(path)
-        except UserError as exc:
-            assert str(path) in str(exc) and "\n" not in str(exc)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EmdistWarning)
+            try:
+                reader(path)
+            except UserError as exc:
+                assert str(path) in str(exc) and "\n" not in str(exc)
+        for w in caught:
+            assert issubclass(w.category, EmdistWarning), w
+            assert str(path) in str(w.message) and "\n" not in str(w.message), w

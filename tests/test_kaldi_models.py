@@ -13,7 +13,12 @@ from helpers import KALDI_MODELS, corrupt_and_read, read_fails_in_one_line
 from typer.testing import CliRunner
 
 from emdist.cli import app
-from emdist.io.kaldi import kaldi_model_bytes, read_kaldi_model, write_kaldi_model
+from emdist.io.kaldi import (
+    KaldiWeightsWarning,
+    kaldi_model_bytes,
+    read_kaldi_model,
+    write_kaldi_model,
+)
 from emdist.io.modelio import load_models, save_models
 from emdist.models.gmm import GMM
 
@@ -160,7 +165,7 @@ def _bad_inputs(golden: Path) -> dict[str, bytes]:
         "zero inv var": diag_txt.replace(b"0.5750951", b"0"),
         "nan inv var": diag_txt.replace(b"0.5750951", b"nan"),
         "ragged matrix": diag_txt.replace(b"0.5750951 ", b""),
-        "unnormalised": diag_txt.replace(b"0.6866232", b"1.6866232"),
+        "zero weights": diag_txt.replace(b"0.08072903 0.6866232 0.2326477", b"0 0 0"),
         "missing end": diag_txt.replace(b"</DiagGMM>", b""),
         "wrong end": diag_txt.replace(b"</DiagGMM>", b"</FullGMM>"),
         "trailing junk": diag_txt + b"junk",
@@ -230,6 +235,30 @@ def test_accepts_kaldi_variants(golden, tmp_path):
     path = tmp_path / "doubles.bin"
     path.write_bytes(bytes(doubled))
     assert kaldi_model_bytes(read_kaldi_model(path)) == raw
+
+
+def test_weights_that_do_not_sum_to_one_are_read_normalised_with_a_warning(golden, tmp_path):
+    """As gmm-global-est leaves them when it floors starved Gaussians' weights (Kaldi reads
+    them as they are): the same model, normalised, and a warning that says by how much
+    every log-likelihood differs from Kaldi's."""
+    diag_txt = (golden / "diag_small.kaldi.txt").read_bytes()
+    ref = read_kaldi_model(golden / "diag_small.kaldi.txt")
+    path = tmp_path / "floored.txt"
+    path.write_bytes(diag_txt.replace(b"0.6866232", b"0.7066232"))
+    with pytest.warns(KaldiWeightsWarning) as caught:
+        gmm = read_kaldi_model(path)
+    total = 0.08072903 + 0.7066232 + 0.2326477
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        f"{path}: weights sum to {total:.7g}, not 1; read normalised, so each frame's "
+        f"log-likelihood is Kaldi's {-np.log(total):+.4g}")
+    np.testing.assert_allclose(gmm.weights, np.array([0.08072903, 0.7066232, 0.2326477])
+                               / total, rtol=1e-7)
+    assert abs(gmm.weights.sum() - 1.0) < 1e-12
+    assert rel(gmm.means, ref.means) < 1e-7 and rel(gmm.covariances, ref.covariances) < 1e-7
+    # within 1e-4 of one: read normalised, no warning (the suite turns warnings into errors)
+    path.write_bytes(diag_txt.replace(b"0.6866232", b"0.6866732"))
+    assert abs(read_kaldi_model(path).weights.sum() - 1.0) < 1e-12
 
 
 # -- the commands -------------------------------------------------------------------------

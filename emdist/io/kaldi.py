@@ -39,12 +39,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from emdist.errors import UserError
+from emdist.errors import EmdistWarning, UserError
 from emdist.models.gmm import GMM
 from emdist.models.mstep import augment_flags
 from emdist.models.stats import GmmStats
@@ -380,6 +381,13 @@ def _parse(path: Path, data: bytes) -> tuple[str, np.ndarray, np.ndarray, np.nda
     return cov_type, weights, means_inv, inv
 
 
+class KaldiWeightsWarning(EmdistWarning):
+    """A Kaldi model's weights do not sum to one. Kaldi reads such a file as it is, and
+    ``gmm-global-est --remove-low-count-gaussians=false`` writes one when it floors the
+    weights of starved Gaussians at ``--min-gaussian-weight`` (up to K times that over one);
+    emdist reads it normalised, which shifts every log-likelihood by the same amount."""
+
+
 def _fail(path: Path, message: str):
     raise UserError(f"{path}: not a usable Kaldi GMM: {message}")
 
@@ -391,9 +399,12 @@ def _to_gmm(path: Path, cov_type, weights, means_inv, inv) -> GMM:
         bad = int(np.argmax(~np.isfinite(w) | (w < 0)))
         _fail(path, f"weight of Gaussian {bad} is {w[bad]:g}")
     total = w.sum()
-    if not abs(total - 1.0) <= 1e-4:
-        _fail(path, f"weights sum to {total:.7g}, not 1 (Kaldi would shift every "
-                    "likelihood by their log; normalise them)")
+    if not total > 0:
+        _fail(path, "every weight is 0")
+    if abs(total - 1.0) > 1e-4:
+        warnings.warn(f"{path}: weights sum to {total:.7g}, not 1; read normalised, so "
+                      f"each frame's log-likelihood is Kaldi's {-math.log(total):+.4g}",
+                      KaldiWeightsWarning, stacklevel=3)
     w = w / total
     b = means_inv.astype(np.float64)
     if not np.isfinite(b).all():
@@ -432,8 +443,9 @@ def read_kaldi_model(path: str | os.PathLike) -> GMM:
 
     Raises :class:`UserError` naming the file (and the byte offset) for anything malformed:
     truncated, another Kaldi object, sizes that do not agree, non-numbers, inverse
-    variances that are not positive, weights that do not sum to one (to 1e-4; within that
-    they are renormalised).
+    variances that are not positive, negative weights or weights that are all 0.
+    Weights that do not sum to one are read normalised, with a :class:`KaldiWeightsWarning`
+    when they are more than 1e-4 off.
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -525,7 +537,7 @@ def _kaldi_arrays(gmm: GMM) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     return kaldi_full_gconsts(w32, b32, prec32), w32, b32, prec32
 
 
-def _num(x) -> str:
+def format_float(x) -> str:
     """A float32 value as C++'s ``operator<<`` writes it at precision 7."""
     v = float(x)
     if math.isnan(v):
@@ -535,19 +547,20 @@ def _num(x) -> str:
     return f"{v:.7g}"
 
 
-def _text_vector(v: np.ndarray) -> str:
-    return " [ " + "".join(_num(x) + " " for x in v) + "]\n"
+def format_text_vector(v: np.ndarray) -> str:
+    """A vector as Kaldi's text writer puts it: `` [ 1 2.5 ]`` and a newline."""
+    return " [ " + "".join(format_float(x) + " " for x in v) + "]\n"
 
 
 def _text_matrix(m: np.ndarray) -> str:
     if m.size == 0:
         return " [ ]\n"
-    return " [" + "".join("\n  " + "".join(_num(x) + " " for x in row) for row in m) + "]\n"
+    return " [" + "".join("\n  " + "".join(format_float(x) + " " for x in row) for row in m) + "]\n"
 
 
 def _text_packed(p: np.ndarray) -> str:
     n = len(p)
-    rows = ["".join(_num(p[i, j]) + " " for j in range(i + 1)) for i in range(n)]
+    rows = ["".join(format_float(p[i, j]) + " " for j in range(i + 1)) for i in range(n)]
     return "[\n" + "\n".join(rows) + "]\n"
 
 
@@ -559,7 +572,8 @@ def _bin_int(n: int) -> bytes:
     return b"\x04" + int(n).to_bytes(4, "little", signed=True)
 
 
-def _bin_vector(v: np.ndarray) -> bytes:
+def format_binary_vector(v: np.ndarray) -> bytes:
+    """A float32 vector as Kaldi's binary writer puts it (``FV``, its size, the values)."""
     return b"FV " + _bin_int(len(v)) + np.ascontiguousarray(v, "<f4").tobytes()
 
 
@@ -580,14 +594,15 @@ def kaldi_model_bytes(gmm: GMM, binary: bool = True) -> bytes:
     begin, end = ("<DiagGMM>", "</DiagGMM>") if diag else ("<FullGMM>", "</FullGMM>")
     means_name, inv_name = _NAMES[gmm.covariance_type]
     if binary:
-        out = [_BINARY_HEADER, _bin_token(begin), _bin_token("<GCONSTS>"), _bin_vector(gconsts),
-               _bin_token("<WEIGHTS>"), _bin_vector(weights), _bin_token(means_name),
-               _bin_matrix(means_inv), _bin_token(inv_name)]
+        out = [_BINARY_HEADER, _bin_token(begin), _bin_token("<GCONSTS>"),
+               format_binary_vector(gconsts), _bin_token("<WEIGHTS>"),
+               format_binary_vector(weights), _bin_token(means_name), _bin_matrix(means_inv),
+               _bin_token(inv_name)]
         out += [_bin_matrix(inv)] if diag else [_bin_packed(p) for p in inv]
         out.append(_bin_token(end))
         return b"".join(out)
-    text = [begin, " \n<GCONSTS> ", _text_vector(gconsts), "<WEIGHTS> ", _text_vector(weights),
-            means_name, " ", _text_matrix(means_inv), inv_name, " "]
+    text = [begin, " \n<GCONSTS> ", format_text_vector(gconsts), "<WEIGHTS> ",
+            format_text_vector(weights), means_name, " ", _text_matrix(means_inv), inv_name, " "]
     text += [_text_matrix(inv)] if diag else [_text_packed(p) for p in inv]
     text += [end, " \n"]
     return "".join(text).encode("ascii")
@@ -875,7 +890,7 @@ def kaldi_accs_bytes(stats: GmmStats, binary: bool = True, flags: str = "mvw",
         out = [_BINARY_HEADER, _bin_token("<GMMACCS>"), _bin_token("<VECSIZE>"), _bin_int(dim),
                _bin_token("<NUMCOMPONENTS>"), _bin_int(k), _bin_token("<FLAGS>"),
                b"\xfe" + bits.to_bytes(2, "little"), _bin_token("<OCCUPANCY>"),
-               _bin_vector(occ), _bin_token("<MEANACCS>"), _bin_matrix(means)]
+               format_binary_vector(occ), _bin_token("<MEANACCS>"), _bin_matrix(means)]
         if diag:
             out += [_bin_token("<DIAGVARACCS>"), _bin_matrix(var)]
         elif bits & 2:
@@ -883,7 +898,7 @@ def kaldi_accs_bytes(stats: GmmStats, binary: bool = True, flags: str = "mvw",
         out.append(_bin_token("</GMMACCS>"))
         return b"".join(out)
     text = [f"<GMMACCS> <VECSIZE> {dim} <NUMCOMPONENTS> {k} <FLAGS> {bits} <OCCUPANCY> ",
-            _text_vector(occ), "<MEANACCS> ", _text_matrix(means)]
+            format_text_vector(occ), "<MEANACCS> ", _text_matrix(means)]
     if diag:
         text += ["<DIAGVARACCS> ", _text_matrix(var)]
     elif bits & 2:

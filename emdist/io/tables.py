@@ -44,7 +44,7 @@ from kaldiio.utils import MultiFileDescriptor, open_like_kaldi
 
 from emdist.data.datadir import load_feats, parse_rxfilename
 from emdist.errors import DataError, EmdistWarning, UserError, WriteFailure
-from emdist.io.kaldi import _bin_vector, _num, _text_vector
+from emdist.io.kaldi import format_binary_vector, format_float, format_text_vector
 from emdist.io.modelio import open_temp
 
 RSPECIFIER_USAGE = ("FEATURES is a data dir or a Kaldi rspecifier like scp:feats.scp or "
@@ -488,8 +488,8 @@ def _encode(value, binary: bool) -> tuple[str, bytes]:
             raise TypeError(f"a vector must hold numbers, got dtype {value.dtype}")
         with np.errstate(all="ignore"):
             vector = value.astype(np.float32)
-        return "vector", (b"\0B" + _bin_vector(vector) if binary
-                          else _text_vector(vector).encode())
+        return "vector", (b"\0B" + format_binary_vector(vector) if binary
+                          else format_text_vector(vector).encode())
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
@@ -499,4 +499,4 @@ def _encode(value, binary: bool) -> tuple[str, bytes]:
         number = np.float32(value)
     if binary:
         return "float", b"\0B\x04" + number.astype("<f4").tobytes()
-    return "float", f"{_num(number)} \n".encode()
+    return "float", f"{format_float(number)} \n".encode()
