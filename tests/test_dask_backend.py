@@ -202,6 +202,32 @@ def test_map_reduce_equals_serial_tree_sum(dask_backend, ten_shards, cached):
     _assert_stats_equal(s_stats, want)
 
 
+@pytest.mark.timeout(60)
+def test_fetches_that_time_out_are_waited_for_again(threads, ten_shards, monkeypatch):
+    """A fetch of finished results is given up after FETCH_SECONDS (the limit doubling
+    each time) and the futures waited for again under the cluster watch: with a limit
+    that every first fetch exceeds, the results are still the serial ones."""
+    import emdist.backends.dask_backend as dask_backend
+
+    shards, models, options, serial = ten_shards
+    fetches = []
+    real_sync = threads.client.sync
+
+    def sync(func, *args, callback_timeout=None, **kwargs):
+        fetches.append(callback_timeout)
+        return real_sync(func, *args, callback_timeout=callback_timeout, **kwargs)
+
+    monkeypatch.setattr(dask_backend, "FETCH_SECONDS", 1e-6)
+    monkeypatch.setattr(threads.client, "sync", sync)
+    stats, _ = threads.map_reduce(acc_shard, shards, models, options, False, fan_in=3)
+    _assert_stats_equal(stats, tree_sum([r[0] for r in serial], fan_in=3))
+    results = threads.map(acc_shard, shards, models, options, False)
+    for (got, _), (want, _) in zip(results, serial, strict=True):
+        _assert_stats_equal(got, want)
+    limits = [t for t in fetches if t is not None]
+    assert len(limits) > 2 and limits[:2] == [1e-6, 2e-6]  # retried, doubling
+
+
 @pytest.mark.timeout(30)
 def test_tree_shape_matters_so_the_test_above_can_fail(ten_shards):
     # The sums of the tree test differ with another tree shape in at least one bit; else

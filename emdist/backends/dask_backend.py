@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import json
@@ -496,7 +497,7 @@ class DaskBackend:
             self._wait(futures, None)
             try:
                 return self.client.sync(gather, callback_timeout=limit)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
                 limit *= 2
 
     def _check_workers(self, alone_since: float | None) -> float | None:
