@@ -55,8 +55,8 @@ RETRIES = 2
 POLL_SECONDS = 1.0
 """How often a waiting pass looks at the cluster (no workers, no scheduler)."""
 STALL_POLLS = 3
-"""Polls without a finished task after which a pass asks the scheduler whether its inputs
-were lost or its tasks are stuck (so that long healthy tasks cost no scheduler work)."""
+"""Polls without a finished task after which a pass asks the scheduler to release its
+stuck tasks (so that long healthy tasks cost no scheduler work)."""
 LOST_DATA_RETRIES = 3
 FETCH_SECONDS = 10.0
 """How long a fetch of finished results may take before they are waited for again."""
