@@ -658,6 +658,10 @@ FeaturesArg = Annotated[str, typer.Argument(
     "file), or an rspecifier such as scp:feats.scp or ark:feats.ark (one model).")]
 PrecisionOpt = Annotated[Precision, typer.Option(help="Precision of the E-step products "
                                                  "(statistics are always float64).")]
+GselectOpt = Annotated[str | None, typer.Option(
+    "--gselect", help="Gaussian selections (emdist gselect, gmm-gselect): an rspecifier such "
+    "as ark:gselect.ark or 'ark,s,cs:gunzip -c gselect.1.gz |'. Posteriors are then over "
+    "each frame's selected Gaussians only; a one-GMM model file.")]
 
 
 @app.command("acc-stats", cls=_kaldi_bools("--binary", "--kaldi-accs"))
@@ -672,6 +676,7 @@ def acc_stats(
     update_flags: UpdateFlags = "mvw",
     precision: PrecisionOpt = Precision.float32,
     chunk_size: Annotated[int, typer.Option(help="Frames per E-step product.")] = 1024,
+    gselect: GselectOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -680,11 +685,12 @@ def acc_stats(
     _setup_logging(verbose, quiet)
     kaldi = _kaldi_bool(kaldi_accs, "--kaldi-accs")
     _run(verbose, _acc_stats, model, features, stats_out, kaldi, _kaldi_bool(binary),
-         update_flags, precision.value, chunk_size)
+         update_flags, precision.value, chunk_size, gselect)
 
 
 def _acc_stats(model: Path, features: str, stats_out: Path, kaldi: bool, binary: bool,
-               update_flags: str, precision: str, chunk_size: int) -> None:
+               update_flags: str, precision: str, chunk_size: int,
+               gselect: str | None) -> None:
     from emdist.engine.steps import acc_stats, read_model_file
     from emdist.models.estep import EStepOptions
     from emdist.models.kind import per_frame
@@ -694,7 +700,8 @@ def _acc_stats(model: Path, features: str, stats_out: Path, kaldi: bool, binary:
     models = read_model_file(model)
     if kaldi:
         _check_kaldi_accs(models.models, model)
-    stats = acc_stats(models, features, EStepOptions(dtype=precision, chunk_size=chunk_size))
+    stats = acc_stats(models, features, EStepOptions(dtype=precision, chunk_size=chunk_size),
+                      gselect)
     _write_stats(stats_out, stats, kaldi, binary, flags)
     ll, frames = per_frame(stats)
     log.info("accumulated %d frames of %d models; log-likelihood per frame %.6f; wrote %s",
@@ -826,6 +833,7 @@ def get_frame_likes(
     label: Annotated[str | None, typer.Option(
         help="The model to score with, from a file of several models.")] = None,
     precision: PrecisionOpt = Precision.float32,
+    gselect: GselectOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -833,11 +841,12 @@ def get_frame_likes(
     Kaldi archive of vectors, or of floats with --average."""
     _setup_logging(verbose, quiet)
     mean = _kaldi_bool(average, "--average")
-    _run(verbose, _frame_likes, model, features, likes_out, mean, label, precision.value)
+    _run(verbose, _frame_likes, model, features, likes_out, mean, label, precision.value,
+         gselect)
 
 
 def _frame_likes(model: Path, features: str, likes_out: str, average: bool,
-                 label: str | None, precision: str) -> None:
+                 label: str | None, precision: str, gselect: str | None) -> None:
     from emdist.engine.steps import frame_likes, read_model_file
     from emdist.io.tables import TableWriter
     from emdist.models.estep import EStepOptions
@@ -846,11 +855,49 @@ def _frame_likes(model: Path, features: str, likes_out: str, average: bool,
     utts = frames = 0
     total = 0.0
     with TableWriter(likes_out) as writer:
-        for utt_id, likes in frame_likes(models, features, label, EStepOptions(dtype=precision)):
+        for utt_id, likes in frame_likes(models, features, label, EStepOptions(dtype=precision),
+                                         gselect):
             writer.write(utt_id, float(likes.mean()) if average else likes)
             utts, frames, total = utts + 1, frames + len(likes), total + float(likes.sum())
     log.info("scored %d utterances, %d frames; log-likelihood per frame %.6f", utts, frames,
              total / max(frames, 1))
+
+
+@app.command("gselect")
+def gselect(
+    model: Annotated[Path, typer.Argument(help="emdist or Kaldi GMM file.")],
+    features: FeaturesArg,
+    gselect_out: Annotated[str, typer.Argument(
+        help="Kaldi wspecifier for the selections: ark:gselect.ark, ark,t:gselect.txt, "
+        "ark,scp:gselect.ark,gselect.scp, ark:- for standard output (e.g. into gzip).")],
+    n: Annotated[int, typer.Option("--n", help="Gaussians selected per frame.")] = 50,
+    label: Annotated[str | None, typer.Option(
+        help="The model to select from, from a file of several models.")] = None,
+    precision: PrecisionOpt = Precision.float32,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Each frame's N best Gaussians by log-likelihood, best first (gmm-gselect), as a Kaldi
+    archive of int32 vectors of vectors, for acc-stats and get-frame-likes --gselect."""
+    _setup_logging(verbose, quiet)
+    _run(verbose, _gselect, model, features, gselect_out, n, label, precision.value)
+
+
+def _gselect(model: Path, features: str, gselect_out: str, n: int, label: str | None,
+             precision: str) -> None:
+    from emdist.engine.steps import gaussian_selection, read_model_file
+    from emdist.io.tables import TableWriter
+    from emdist.models.estep import EStepOptions
+
+    models = read_model_file(model)
+    utts = frames = 0
+    with TableWriter(gselect_out) as writer:
+        for utt_id, indices in gaussian_selection(models, features, n, label,
+                                                  EStepOptions(dtype=precision)):
+            writer.write(utt_id, indices)
+            utts, frames = utts + 1, frames + len(indices)
+    log.info("selected up to %d Gaussians per frame for %d utterances, %d frames; wrote %s",
+             n, utts, frames, gselect_out)
 
 
 # -- looking at results ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ from emdist.data.datadir import load_data_dir
 from emdist.engine import make_shards
 from emdist.io.kaldi import read_kaldi_accs, read_kaldi_model
 from emdist.io.modelio import load_models, load_stats
+from emdist.io.tables import read_gselect
 from emdist.tasks import read_utterance
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -413,6 +414,11 @@ def test_readme_kaldi_recipe_runs(tmp_path, train_data):
     frames = np.concatenate([read_utterance(u) for u in train_data.utts[::10]])
     assert scipy_frame_likes(last, frames).mean() > scipy_frame_likes(first, frames).mean()
     assert (tmp_path / "exp" / "ubm" / "log" / "acc.3.4.log").is_file()
+    # the selections went through gzip, and each job's accumulation read its own
+    selected = dict(read_gselect(f"ark:gunzip -c {tmp_path / 'exp/ubm/gselect.4.gz'} |"))
+    split = (tmp_path / "data" / "train" / "split4" / "4" / "feats.scp").read_text()
+    assert list(selected) == [line.split()[0] for line in split.splitlines()]
+    assert {v.shape[1] for v in selected.values()} == {8}  # --n=30 of 8 Gaussians: all
 
 
 def test_full_covariance_models_go_through_the_commands(tmp_path, train_data):

@@ -446,7 +446,9 @@ def test_bad_keys_are_user_errors(tmp_path, key):
     ("ark,zz:{d}/o.ark", "unknown option 'zz'"),
     ("ark,scp:-,{d}/o.scp", "write the archive to a file, not to stdout"),
     ("ark:", "no file after ':'"),
-    ("ark:gzip > {d}/o.gz |", "writing to a command"),
+    ("ark:gzip > {d}/o.gz |", "an output command is written '| command'"),
+    ("ark:|", "no command after '|'"),
+    ("ark,scp:| gzip,{d}/o.scp", "an scp needs the archive's offsets"),
     ("ark:{d}/missing/o.ark", "cannot write {d}/missing/o.ark"),
     ("ark:{d}", "cannot write {d}: it is a directory"),
     ("ark,scp:{d}/o.ark,{d}/missing/o.scp", "cannot write {d}/missing/o.scp"),
@@ -469,6 +471,29 @@ def test_a_table_holds_one_type_of_value(tmp_path):
         with pytest.raises(TypeError), TableWriter(f"ark:{tmp_path}/o.ark") as writer:
             writer.write("a", bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writes_to_a_command_as_kaldi_wxfilenames_do(tmp_path):
+    """``ark:| gzip -c > out.gz``: the table reaches the command's standard input; a command
+    that fails or stops reading is a one-line error with its exit status."""
+    import gzip
+
+    out = tmp_path / "l.ark.gz"
+    with TableWriter(f"ark:| gzip -c > {out}") as writer:
+        writer.write("a", np.arange(3.0))
+        writer.write("b", np.ones(2))
+    with TableWriter(f"ark:{tmp_path / 'l.ark'}") as writer:
+        writer.write("a", np.arange(3.0))
+        writer.write("b", np.ones(2))
+    assert gzip.decompress(out.read_bytes()) == (tmp_path / "l.ark").read_bytes()
+    with pytest.raises(UserError, match=r"the command 'cat > /dev/null; exit 3' exited "
+                                        r"\(exit status 3\)"):
+        with TableWriter("ark:| cat > /dev/null; exit 3") as writer:
+            writer.write("a", 1.0)
+    with pytest.raises(UserError, match=r"'exit 0' stopped reading \(exit status 0\)"):
+        with TableWriter("ark:| exit 0") as writer:
+            for i in range(20000):  # more than a pipe holds
+                writer.write(f"u{i}", np.ones(100))
 
 
 @pytest.mark.parametrize("spec", ["ark:-", "ark,t:-", "ark,b:-"])

@@ -1,16 +1,20 @@
 """One EM iteration in Kaldi's pieces: accumulate, sum, estimate; and per-frame scores.
 
-These are the library side of ``emdist acc-stats``, ``sum-accs``, ``est`` and
-``get-frame-likes``, modelled on ``gmm-global-acc-stats``, ``gmm-global-sum-accs``,
-``gmm-global-est`` and ``gmm-global-get-frame-likes``, so that a recipe can run them as
-``JOB=1:nj`` jobs of its own ``run.pl`` or ``queue.pl``:
+These are the library side of ``emdist acc-stats``, ``sum-accs``, ``est``,
+``get-frame-likes`` and ``gselect``, modelled on ``gmm-global-acc-stats``,
+``gmm-global-sum-accs``, ``gmm-global-est``, ``gmm-global-get-frame-likes`` and
+``gmm-gselect``, so that a recipe can run them as ``JOB=1:nj`` jobs of its own ``run.pl``
+or ``queue.pl``:
 
 * :func:`acc_stats` runs the same E-step as one shard of ``emdist train`` (the shard task
   :func:`emdist.tasks.acc_shard`, by the models' kind), over a data dir (each utterance to
   its label's model, or all to a one-model file) or over a Kaldi rspecifier;
 * :func:`sum_stats` adds statistics files in the order given, in the tree the trainer uses
   (:func:`emdist.models.stats.tree_sum`), so two shards summed here are the trainer's sum;
-* :func:`estimate` is the trainer's update (:meth:`ModelKind.update`), then Kaldi's mix-up.
+* :func:`estimate` is the trainer's update (:meth:`ModelKind.update`), then Kaldi's mix-up;
+* :func:`gaussian_selection` gives each frame's top-N Gaussians, which ``acc_stats`` and
+  ``frame_likes`` take (``--gselect``) to compute posteriors over those only, as
+  Kaldi's UBM recipes do (``sid/train_diag_ubm.sh``).
 
 So ``acc-stats`` on the trainer's shards, ``sum-accs`` and ``est`` give the bytes of one
 ``emdist train`` iteration. Model and statistics files are emdist's or Kaldi's
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +43,9 @@ from emdist.io.modelio import (
     load_stats,
     stats_shape,
 )
-from emdist.io.tables import read_features
+from emdist.io.tables import TableWarning, read_features, read_gselect
 from emdist.models.estep import EStepOptions, make_kernel
+from emdist.models.gselect import accumulate_selected, plan, selected_log_likelihood, top_n
 from emdist.models.initialize import split
 from emdist.models.kernel import Scorer
 from emdist.models.kind import kind_of_models, per_frame, update_models
@@ -136,13 +142,20 @@ def _with_ids(models: Mapping, features: str) -> Iterator[tuple[str, tuple[str, 
         yield utt_id, (label, feats)
 
 
-def acc_stats(models: ModelFile, features: str, options: EStepOptions) -> StatsMap:
+def acc_stats(models: ModelFile, features: str, options: EStepOptions,
+              gselect: str | None = None) -> StatsMap:
     """Statistics of ``models`` over FEATURES: a Kaldi data dir or an rspecifier.
 
     From a data dir this is :func:`emdist.tasks.acc_shard` on one shard of all its
     utterances, the task ``emdist train`` runs per shard. An rspecifier has no labels:
-    the model file must hold one model.
+    the model file must hold one model. With ``gselect`` (an rspecifier of Gaussian
+    selections, :func:`emdist.io.tables.read_gselect`), the file holds one GMM and each
+    frame's posteriors are over its selected Gaussians only, as with
+    ``gmm-global-acc-stats --gselect``; an utterance without a selection is skipped with a
+    warning, as Kaldi does.
     """
+    if gselect is not None:
+        return _acc_selected(models, features, options, gselect)
     if not is_rspecifier(features):
         if not Path(features).is_dir():
             raise UserError(f"{features}: no such data dir; FEATURES is a Kaldi data dir or "
@@ -162,6 +175,80 @@ def acc_stats(models: ModelFile, features: str, options: EStepOptions) -> StatsM
     if not stats:
         raise UserError(f"{features}: no utterances")
     return stats
+
+
+def _acc_selected(models: ModelFile, features: str, options: EStepOptions,
+                  gselect: str) -> StatsMap:
+    if len(models.models) != 1:
+        raise UserError(f"{models.path}: --gselect selects among one GMM's Gaussians, and the "
+                        f"file holds {len(models.models)} models; give a one-model file")
+    label, model = _one_gmm(models, None)
+    kernel = make_kernel(model, options)
+    selections = _Selections(gselect, model.n_components)
+    total = None
+    with one_blas_thread():
+        for utt_id, feats in _utterances({label: model}, models.path, features):
+            indices = selections.get(utt_id, len(feats))
+            if indices is None:
+                continue
+            selection = plan(indices, model.n_components)
+            ordered = np.asfortranarray(feats[selection.order])
+            stats, _ = accumulate_selected(kernel, ordered, selection)
+            total = stats if total is None else total + stats
+    if total is None:
+        raise UserError(f"{gselect}: selects for none of the utterances of {features}; make "
+                        "the selections from these features (emdist gselect)")
+    return {label: total}
+
+
+class _Selections:
+    """Gaussian selections by utterance, read from their table as they are asked for: in
+    the features' order nothing is held (as Kaldi reads a sorted table, ``ark,s,cs:``),
+    otherwise what is read past is kept until asked for."""
+
+    def __init__(self, rspecifier: str, n_components: int) -> None:
+        self.spec, self.n_components = rspecifier, n_components
+        self._table: Iterator | None = read_gselect(rspecifier)
+        self._ahead: dict[str, np.ndarray] = {}
+
+    def get(self, utt_id: str, frames: int) -> np.ndarray | None:
+        """The selection of ``utt_id`` (``frames`` frames), or None (with a warning)."""
+        found = self._ahead.pop(utt_id, None)
+        while found is None and self._table is not None:
+            for key, indices in self._table:
+                if key == utt_id:
+                    found = indices
+                    break
+                self._ahead[key] = indices
+            else:
+                self._table = None
+        if found is None:
+            warnings.warn(f"{self.spec}: no selection for utterance {utt_id!r}; skipped, as "
+                          "Kaldi does", TableWarning, stacklevel=3)
+            return None
+        if len(found) != frames:
+            raise UserError(f"{self.spec}: utterance {utt_id!r} has selections for "
+                            f"{len(found)} frames but {frames} frames of features; make the "
+                            "selections from these features")
+        if int(found.max()) >= self.n_components:
+            raise UserError(f"{self.spec}: utterance {utt_id!r} selects Gaussian "
+                            f"{int(found.max())}, but the model has {self.n_components} "
+                            f"(0 to {self.n_components - 1}); make the selections with this "
+                            "model")
+        return found
+
+
+def gaussian_selection(models: ModelFile, features: str, n_select: int, label: str | None,
+                       options: EStepOptions) -> Iterator[tuple[str, np.ndarray]]:
+    """(utterance id, each frame's ``n_select`` best Gaussians, best first) of every
+    utterance of FEATURES under one GMM of the file, as ``gmm-gselect --n`` gives them."""
+    if n_select < 1:
+        raise UserError(f"--n {n_select}: select at least one Gaussian per frame")
+    label, model = _one_gmm(models, label)
+    kernel = make_kernel(model, options)
+    with one_blas_thread():
+        for utt_id, feats in _utterances({label: model}, models.path, features):
+            yield utt_id, top_n(kernel, feats, n_select, options.chunk_size)
 
 
 # -- sum-accs ------------------------------------------------------------------------------
@@ -253,9 +340,31 @@ def describe_update(stats: StatsFile, models: ModelFile,
 
 
 def frame_likes(models: ModelFile, features: str, label: str | None,
-                options: EStepOptions) -> Iterator[tuple[str, np.ndarray]]:
+                options: EStepOptions,
+                gselect: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(utterance id, per-frame log-likelihoods) of every utterance of FEATURES under one
-    GMM of the file (``label`` picks it from several), in table order."""
+    GMM of the file (``label`` picks it from several), in table order; with ``gselect``,
+    over each frame's selected Gaussians only (an utterance without a selection is skipped
+    with a warning, as Kaldi does)."""
+    label, model = _one_gmm(models, label)
+    kernel = make_kernel(model, options)
+    utterances = _utterances({label: model}, models.path, features)
+    with one_blas_thread():
+        if gselect is not None:
+            selections = _Selections(gselect, model.n_components)
+            for utt_id, feats in utterances:
+                indices = selections.get(utt_id, len(feats))
+                if indices is not None:
+                    yield utt_id, selected_log_likelihood(kernel, feats, indices,
+                                                          options.chunk_size)
+            return
+        scorer = Scorer(kernel, options.chunk_size)
+        for utt_id, feats in utterances:
+            yield utt_id, scorer.frame_log_likelihood(feats)
+
+
+def _one_gmm(models: ModelFile, label: str | None):
+    """(label, GMM): the file's one model, or the one labelled ``label``."""
     labels = sorted(models.models)
     if label is None:
         if len(labels) != 1:
@@ -269,18 +378,17 @@ def frame_likes(models: ModelFile, features: str, label: str | None,
     model = models.models[label]
     if type(model).kind != "gmm":
         raise UserError(f"{models.path}: holds {type(model).kind} models; per-frame "
-                        "log-likelihoods are those of a GMM")
-    one = {label: model}
+                        "log-likelihoods and Gaussian selection are those of a GMM")
+    return label, model
+
+
+def _utterances(one: Mapping, model_path: Path,
+                features: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(utterance id, frames) of a data dir or an rspecifier, checked, for one model."""
     if is_rspecifier(features):
-        utterances = ((utt_id, feats) for utt_id, (_, feats) in
-                      _with_ids(one, features))
-    elif Path(features).is_dir():
-        shard = _data_dir_shard(one, models.path, features)
-        utterances = ((u.utt_id, shard.read(u)) for u in shard.utts)
-    else:
-        raise UserError(f"{features}: no such data dir; FEATURES is a Kaldi data dir or an "
-                        "rspecifier like scp:feats.scp or ark:feats.ark")
-    scorer = Scorer(make_kernel(model, options), options.chunk_size)
-    with one_blas_thread():
-        for utt_id, feats in utterances:
-            yield utt_id, scorer.frame_log_likelihood(feats)
+        return ((utt_id, feats) for utt_id, (_, feats) in _with_ids(one, features))
+    if Path(features).is_dir():
+        shard = _data_dir_shard(one, model_path, features)
+        return ((u.utt_id, shard.read(u)) for u in shard.utts)
+    raise UserError(f"{features}: no such data dir; FEATURES is a Kaldi data dir or an "
+                    "rspecifier like scp:feats.scp or ark:feats.ark")

@@ -1,5 +1,5 @@
-"""Kaldi tables for the command-line tools: features in from an rspecifier, per-utterance
-floats or vectors out to a wspecifier.
+"""Kaldi tables for the command-line tools: features and Gaussian selections in from an
+rspecifier; per-utterance floats, vectors or Gaussian selections out to a wspecifier.
 
 :func:`read_features` reads ``scp:feats.scp``, ``ark:feats.ark``, ``ark:-`` (stdin),
 ``ark:cmd |`` and ``scp:-`` with Kaldi's read options (``ark,s,cs:``, ``scp,p:``...), and
@@ -12,8 +12,10 @@ that is a command, ``cmd |``, goes to ``kaldiio.load_mat`` as it is). Every prob
 
 :class:`TableWriter` writes Kaldi's ``BaseFloatWriter`` (one float per key) or
 ``BaseFloatVectorWriter`` (one vector per key) tables, binary or text, to ``ark:PATH``,
-``ark,t:PATH``, ``ark:-`` / ``ark,t:-`` (stdout) and ``ark,scp:ARK,SCP``; files are written
-under a temporary name and renamed when the ``with`` block ends without an exception.
+``ark,t:PATH``, ``ark:-`` / ``ark,t:-`` (stdout), ``ark:| command`` and ``ark,scp:ARK,SCP``;
+files are written under a temporary name and renamed when the ``with`` block ends without
+an exception. :func:`read_gselect` and the same writer handle ``gmm-gselect``'s tables of
+int32 vectors of vectors (each frame's selected Gaussians).
 
 Kaldi's bytes (``base/io-funcs.cc``, ``util/kaldi-holder-inl.h``, ``VectorBase::Write``)::
 
@@ -21,6 +23,8 @@ Kaldi's bytes (``base/io-funcs.cc``, ``util/kaldi-holder-inl.h``, ``VectorBase::
     text float     key ␠ <value> ␠ \\n
     binary vector  key ␠ \\0B FV ␠ \\x04 <int32 n> <n float32>
     text vector    key ␠ ␠[␠ <v1> ␠ <v2> ␠ ... ]\\n
+    binary gselect key ␠ \\0B \\x04 <int32 T> then per frame \\x04 <int32 N> (\\x04 <int32>)×N
+    text gselect   key ␠ <g> ␠ <g> ␠ ; ␠ <g> ␠ <g> ␠ ; ␠ \\n    (';' ends each frame's list)
 
 text numbers as C++ prints a float at precision 7. An scp line is ``key ARK:OFFSET`` with the
 offset of the byte after ``key ␠`` (the ``\\0B`` in binary), as Kaldi and kaldiio write it.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -49,6 +54,8 @@ from emdist.io.modelio import open_temp
 
 RSPECIFIER_USAGE = ("FEATURES is a data dir or a Kaldi rspecifier like scp:feats.scp or "
                     "ark:feats.ark")
+GSELECT_USAGE = ("give the selections as ark:PATH, ark:-, 'ark,s,cs:gunzip -c PATH.gz |' "
+                 "or scp:PATH")
 WSPECIFIER_USAGE = ("give a Kaldi wspecifier like ark:out.ark, ark,t:out.txt or "
                     "ark,scp:out.ark,out.scp")
 _READ_OPTIONS = frozenset({"b", "t", "o", "no", "s", "ns", "cs", "ncs", "p", "np", "bg"})
@@ -212,8 +219,10 @@ def _read_scp(spec: str, entries: list[tuple[int, str, str]],
         raise UserError(f"{where}: {problem}")
 
 
-def _read_ark(spec: str, target: str, permissive: bool) -> Iterator[tuple[str, np.ndarray]]:
-    checker = _Checker(spec)
+def _read_ark(spec: str, target: str, permissive: bool, read_value=None, checker=None,
+              holds: str = "matrices") -> Iterator[tuple[str, np.ndarray]]:
+    read_value = read_value or _read_value
+    checker = checker or _Checker(spec)
     try:
         fd = open_like_kaldi(target, "rb")
     except OSError as exc:
@@ -228,12 +237,12 @@ def _read_ark(spec: str, target: str, permissive: bool) -> Iterator[tuple[str, n
                 utt_id = _read_key(fd)
                 if utt_id is None:
                     break
-                value = _read_value(fd)
+                value = read_value(fd)
             except _READ_ERRORS as exc:
                 what = f"utterance {utt_id!r}" if utt_id is not None else (
                     f"the key after {prev!r}" if prev is not None else "the first key")
                 problem = (f"entry {entry}: cannot read {what}: {_reason(exc)}; the archive is "
-                           "truncated or not a Kaldi archive of matrices")
+                           f"truncated or not a Kaldi archive of {holds}")
                 if permissive:
                     warnings.warn(f"{spec}: {problem}; reading stops here", TableWarning,
                                   stacklevel=2)
@@ -308,20 +317,149 @@ class _Checker:
         return feats if feats.flags.writeable else feats.copy()
 
 
+def read_gselect(rspecifier: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Read a table of Gaussian selections, as ``gmm-gselect`` writes them (Kaldi's
+    ``Int32VectorVectorWriter``: per utterance, each frame's selected Gaussians).
+
+    Parameters
+    ----------
+    rspecifier : str
+        ``ark:PATH``, ``ark:-``, ``ark:cmd |`` (``ark,s,cs:gunzip -c gselect.1.gz |``) or
+        ``scp:PATH`` (entries ``utt ARK:OFFSET``), with Kaldi's options before the colon.
+
+    Returns
+    -------
+    iterator of (str, ndarray)
+        ``(utt_id, indices)``, indices int64 of shape (n_frames, N): the same N for every
+        frame of an utterance (emdist's selected E-step needs it).
+
+    Raises
+    ------
+    UserError
+        As :func:`read_features`: one line naming the rspecifier and the entry.
+    """
+    options, target = _split_specifier(rspecifier, _READ_OPTIONS, GSELECT_USAGE)
+    if not target or ("ark" in options) == ("scp" in options):
+        raise UserError(f"{rspecifier}: {GSELECT_USAGE}")
+    permissive = _last(options, "p") > _last(options, "np")
+    if target != "-" and not _is_pipe(target) and not os.path.isfile(target):
+        raise UserError(f"{rspecifier}: {target} not found (relative to {os.getcwd()}); "
+                        "check the path")
+    if "ark" in options:
+        return _read_ark(rspecifier, target, permissive, _read_int_vectors,
+                         _check_selection, "int32 vectors of vectors (gselect)")
+    return _read_gselect_scp(rspecifier, _scp_entries(rspecifier, target))
+
+
+def _read_gselect_scp(spec: str, entries) -> Iterator[tuple[str, np.ndarray]]:
+    for lineno, utt_id, rx in entries:
+        where = f"{spec}: line {lineno}: utterance {utt_id!r}"
+        path, offset, ranges = parse_rxfilename(rx)
+        if ranges or _is_pipe(rx):
+            raise UserError(f"{where}: {rx!r}: a selection is read from an archive file and "
+                            "offset (ARK:OFFSET), without ranges or commands")
+        try:
+            with open(path, "rb") as fd:
+                if offset is not None:
+                    fd.seek(offset)
+                value = _read_int_vectors(fd)
+        except _READ_ERRORS as exc:
+            raise UserError(f"{where}: cannot read {rx}: {_reason(exc)}") from None
+        yield utt_id, _check_selection(where, value)
+
+
+def _read_int_vectors(fd: BinaryIO) -> np.ndarray:
+    """One ``std::vector<std::vector<int32>>`` after a key, binary (``\\0B``, then each size
+    and value as ``\\x04`` and 4 bytes) or text (``1 2 3 ; 4 5 6 ;`` to the end of the
+    line), as a (frames, N) array; frames with different N are refused."""
+    head = fd.read(1)
+    while head in (b" ", b"\t"):
+        head = fd.read(1)
+    if not head:
+        raise EOFError("the archive ends after the key")
+    if head != b"\0":
+        line = head + (fd.readline() if head != b"\n" else b"")
+        pieces = line.decode("ascii").split(";")
+        if pieces[-1].strip():
+            raise ValueError(f"text after the last ';': {_one_line(pieces[-1].strip(), 40)!r}")
+        rows = [[int(v) for v in piece.split()] for piece in pieces[:-1]]
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("frames select different numbers of Gaussians")
+        return np.array(rows, dtype=np.int64).reshape(len(rows), len(rows[0]) if rows else 0)
+    if fd.read(1) != b"B":
+        raise ValueError("expected '\\0B' (a binary value) or a text line")
+    frames = _read_int(fd)
+    if frames == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    n = _read_int(fd)
+    raw = _read_exact(fd, frames * (1 + n) * 5 - 5)
+    cells = np.frombuffer(b"\x04" + struct.pack("<i", n) + raw, dtype=np.uint8)
+    cells = cells.reshape(frames, 1 + n, 5)
+    if (cells[:, :, 0] != 4).any():
+        raise ValueError("a size or value is not a 4-byte integer")
+    values = np.ascontiguousarray(cells[:, :, 1:]).view("<i4")[:, :, 0]
+    if (values[:, 0] != n).any():
+        raise ValueError("frames select different numbers of Gaussians")
+    return values[:, 1:].astype(np.int64)
+
+
+def _read_exact(fd: BinaryIO, size: int, piece: int = 2**26) -> bytes:
+    """``size`` bytes, read in pieces: a size read from damaged bytes is never allocated
+    before the bytes are there."""
+    pieces, left = [], size
+    while left:
+        data = fd.read(min(left, piece))
+        if not data:
+            raise EOFError("the value is truncated")
+        pieces.append(data)
+        left -= len(data)
+    return b"".join(pieces)
+
+
+def _read_int(fd: BinaryIO) -> int:
+    raw = fd.read(5)
+    if len(raw) != 5:
+        raise EOFError("the value is truncated")
+    if raw[0] != 4:
+        raise ValueError(f"expected a 4-byte integer, got size byte {raw[0]}")
+    value = struct.unpack("<i", raw[1:])[0]
+    if value < 0:
+        raise ValueError(f"negative size {value}")
+    return value
+
+
+def _check_selection(where: str, value: np.ndarray) -> np.ndarray:
+    if len(value) == 0:
+        raise UserError(f"{where}: selects nothing (no frames); remove it from the table")
+    if value.shape[1] == 0:
+        raise UserError(f"{where}: selects no Gaussian for its frames")
+    if value.min() < 0:
+        raise UserError(f"{where}: selects Gaussian {int(value.min())}; indices start at 0")
+    return value
+
+
 # -- writing -------------------------------------------------------------------------------
 
 class _Output:
-    """One output file, written under a temporary name in its directory, or stdout."""
+    """One output file, written under a temporary name in its directory; stdout; or the
+    standard input of a command (``| gzip -c > out.gz``, as Kaldi's wxfilenames)."""
 
     def __init__(self, spec: str, path: str) -> None:
-        self.spec, self.path, self.tmp = spec, path, None
+        self.spec, self.path, self.tmp, self.proc = spec, path, None, None
         self.pos = 0
         if path == "-":
             self.fh = sys.stdout.buffer
             return
+        if path.strip().startswith("|"):
+            command = path.strip()[1:].strip()
+            if not command:
+                raise UserError(f"{spec}: no command after '|'")
+            self.proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE)
+            self.fh = self.proc.stdin
+            return
         if _is_pipe(path):
-            raise UserError(f"{spec}: writing to a command ({path!r}) is not supported; "
-                            "write to a file or to '-' and pipe that")
+            raise UserError(f"{spec}: {path!r} reads from a command; an output command is "
+                            "written '| command'")
         if os.path.isdir(path):
             raise UserError(f"{spec}: cannot write {path}: it is a directory; give a file name")
         try:
@@ -334,9 +472,12 @@ class _Output:
     def _failed(self, exc: OSError) -> Exception:
         """A write error as a WriteFailure naming the file; a reader of standard output that
         went away (``... ark,t:- | head``) stays a BrokenPipeError, which the CLI ends
-        quietly, as Kaldi's tools and other Unix filters do."""
+        quietly, as Kaldi's tools and other Unix filters do; an output command that went
+        away is named with its status."""
         if isinstance(exc, BrokenPipeError) and self.path == "-":
             return exc
+        if self.proc is not None:
+            return self._command_failed("stopped reading")
         return WriteFailure(self.path, exc.strerror or str(exc))
 
     def write(self, data: bytes) -> None:
@@ -352,8 +493,26 @@ class _Output:
         except OSError as exc:
             raise self._failed(exc) from None
 
+    def _command_failed(self, what: str = "exited") -> UserError:
+        try:
+            status = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            status = self.proc.wait()
+        return UserError(f"{self.spec}: the command {self.path.strip()[1:].strip()!r} {what} "
+                         f"(exit status {status}); run it alone to see why")
+
     def finish(self) -> None:
-        """Flush; a file is synced and renamed to its name."""
+        """Flush; a file is synced and renamed to its name; a command's input is closed
+        and the command waited for (a status other than 0 is an error)."""
+        if self.proc is not None:
+            try:
+                self.fh.close()
+            except OSError:
+                raise self._command_failed("stopped reading") from None
+            if self.proc.wait() != 0:
+                raise self._command_failed()
+            return
         try:
             self.fh.flush()
             if self.tmp is not None:
@@ -365,7 +524,16 @@ class _Output:
             raise self._failed(exc) from None
 
     def discard(self) -> None:
-        """Close and remove the temporary file (stdout is left alone)."""
+        """Close and remove the temporary file (stdout is left alone); a command is ended
+        (what it wrote is its own)."""
+        if self.proc is not None:
+            self.proc.kill()
+            try:
+                self.fh.close()
+            except OSError:
+                pass
+            self.proc.wait()
+            return
         if self.tmp is not None:
             try:
                 self.fh.close()
@@ -376,18 +544,23 @@ class _Output:
 
 
 class TableWriter:
-    """Write a Kaldi table of floats or float vectors to a wspecifier; a context manager.
+    """Write a Kaldi table of floats, float vectors or Gaussian selections to a wspecifier;
+    a context manager.
 
     ``TableWriter("ark,t:likes.txt")`` with ``.write(key, value)`` for each utterance,
-    ``value`` a float (Kaldi's ``BaseFloatWriter``) or a 1-D vector written as float32
-    (``BaseFloatVectorWriter``); one table holds one of the two. Forms: ``ark:PATH``,
-    ``ark,t:PATH``, ``ark:-`` and ``ark,t:-`` (stdout), ``ark,scp:ARK,SCP`` and
-    ``ark,t,scp:ARK,SCP`` (the scp names the archive as written in the wspecifier). Kaldi's
-    ``b``, ``f`` (flush each entry), ``nf`` and ``p`` options are accepted.
+    ``value`` a float (Kaldi's ``BaseFloatWriter``), a 1-D vector written as float32
+    (``BaseFloatVectorWriter``) or a 2-D integer array, one row per frame
+    (``Int32VectorVectorWriter``, as ``gmm-gselect`` writes); one table holds one of these.
+    Forms: ``ark:PATH``, ``ark,t:PATH``, ``ark:-`` and ``ark,t:-`` (stdout),
+    ``ark:| command`` (the command's standard input, e.g. ``| gzip -c > out.gz``; a status
+    other than 0 is an error), ``ark,scp:ARK,SCP`` and ``ark,t,scp:ARK,SCP`` (the scp names
+    the archive as written in the wspecifier). Kaldi's ``b``, ``f`` (flush each entry),
+    ``nf`` and ``p`` options are accepted.
 
     Files are written under a temporary name in their directory and renamed when the
     ``with`` block ends without an exception (or on :meth:`close`); an exception removes
-    them (or :meth:`abort`). Output to stdout is written as it comes.
+    them (or :meth:`abort`). Output to stdout or a command is written as it comes (an
+    exception ends the command).
 
     Raises
     ------
@@ -411,7 +584,7 @@ class TableWriter:
             if not comma or not ark or not scp:
                 raise UserError(f"{wspecifier}: 'ark,scp:' needs two files, "
                                 "ark,scp:ARK,SCP (archive first)")
-            if ark == "-":
+            if ark == "-" or ark.strip().startswith("|"):
                 raise UserError(f"{wspecifier}: an scp needs the archive's offsets; write "
                                 "the archive to a file, not to stdout")
         else:
@@ -482,7 +655,12 @@ class TableWriter:
 
 
 def _encode(value, binary: bool) -> tuple[str, bytes]:
-    """(``'float'`` or ``'vector'``, the bytes Kaldi writes for ``value`` after the key)."""
+    """(``'float'``, ``'vector'`` or ``'selection'``, the bytes Kaldi writes for ``value``
+    after the key); a selection is a 2-D integer array, one row per frame."""
+    if isinstance(value, np.ndarray) and value.ndim == 2:
+        if value.dtype.kind not in "iu":
+            raise TypeError(f"a selection holds integers, got dtype {value.dtype}")
+        return "selection", _encode_selection(value.astype("<i4"), binary)
     if isinstance(value, np.ndarray) and value.ndim == 1:
         if value.dtype.kind not in "fiu":
             raise TypeError(f"a vector must hold numbers, got dtype {value.dtype}")
@@ -500,3 +678,19 @@ def _encode(value, binary: bool) -> tuple[str, bytes]:
     if binary:
         return "float", b"\0B\x04" + number.astype("<f4").tobytes()
     return "float", f"{format_float(number)} \n".encode()
+
+
+def _encode_selection(rows: np.ndarray, binary: bool) -> bytes:
+    """Kaldi's ``BasicVectorVectorHolder<int32>``: binary, the frame count, then each frame's
+    size and values, every integer as ``\\x04`` and 4 bytes; text, ``1 2 3 ; 4 5 6 ; ``
+    and a newline (';' ends each frame's list)."""
+    if not binary:
+        return ("".join("".join(f"{v} " for v in row) + "; " for row in rows.tolist())
+                + "\n").encode()
+    frames, n = rows.shape
+    cells = np.empty((frames, 1 + n, 5), dtype=np.uint8)
+    cells[:, :, 0] = 4
+    ints = np.empty((frames, 1 + n), dtype="<i4")
+    ints[:, 0], ints[:, 1:] = n, rows
+    cells[:, :, 1:] = ints.view(np.uint8).reshape(frames, 1 + n, 4)
+    return b"\0B\x04" + struct.pack("<i", frames) + cells.tobytes()

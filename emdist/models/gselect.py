@@ -114,6 +114,24 @@ def top_n(kernel: Kernel, frames: np.ndarray, n_select: int, chunk_size: int) ->
     return out
 
 
+def selected_log_likelihood(kernel: Kernel, frames: np.ndarray, indices: np.ndarray,
+                            chunk_size: int) -> np.ndarray:
+    """Each frame's log-likelihood over its selected Gaussians only (``log Σ_{k ∈ S_t} w_k
+    N(x_t; μ_k, Σ_k)``, as ``gmm-global-get-frame-likes --gselect`` gives it): (T,),
+    float64, for frames (T, D) and their selections ``indices`` (T, N)."""
+    rows = Rows(kernel, chunk_size)
+    out = np.empty(len(frames))
+    log_like = np.empty((chunk_size, kernel.n_components), dtype=kernel.dtype)
+    for start in range(0, len(frames), chunk_size):
+        n = rows.load(frames[start : start + chunk_size])
+        ll = np.matmul(rows.block(n).T, kernel.fast.T, out=log_like[:n])
+        chosen = np.take_along_axis(ll, indices[start : start + n], axis=1).T  # (N, n)
+        top, total = posteriors_of(np.ascontiguousarray(chosen))
+        out[start : start + n] = rows.offsets(n) + LN2 * (top + np.log2(total,
+                                                                          dtype=np.float64))
+    return out
+
+
 def plan(indices: np.ndarray, n_components: int, block_size: int = DEFAULT_BLOCK_SIZE,
          chunk_size: int = 1024) -> Selection:
     """The block plan of per-frame selections ``indices`` (T, N), best first."""
