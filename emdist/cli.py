@@ -658,6 +658,7 @@ FeaturesArg = Annotated[str, typer.Argument(
     "file), or an rspecifier such as scp:feats.scp or ark:feats.ark (one model).")]
 PrecisionOpt = Annotated[Precision, typer.Option(help="Precision of the E-step products "
                                                  "(statistics are always float64).")]
+GmmFileArg = Annotated[Path, typer.Argument(help="emdist or Kaldi GMM file.")]
 GselectOpt = Annotated[str | None, typer.Option(
     "--gselect", help="Gaussian selections (emdist gselect, gmm-gselect): an rspecifier such "
     "as ark:gselect.ark or 'ark,s,cs:gunzip -c gselect.1.gz |'. Posteriors are then over "
@@ -822,7 +823,7 @@ def _est(model: Path, stats_path: Path, model_out: Path, mstep: dict, mix_up: in
 
 @app.command("get-frame-likes", cls=_kaldi_bools("--average"))
 def get_frame_likes(
-    model: Annotated[Path, typer.Argument(help="emdist or Kaldi GMM file.")],
+    model: GmmFileArg,
     features: FeaturesArg,
     likes_out: Annotated[str, typer.Argument(
         help="Kaldi wspecifier: ark:likes.ark, ark,t:likes.txt, ark,scp:likes.ark,likes.scp, "
@@ -865,7 +866,7 @@ def _frame_likes(model: Path, features: str, likes_out: str, average: bool,
 
 @app.command("gselect")
 def gselect(
-    model: Annotated[Path, typer.Argument(help="emdist or Kaldi GMM file.")],
+    model: GmmFileArg,
     features: FeaturesArg,
     gselect_out: Annotated[str, typer.Argument(
         help="Kaldi wspecifier for the selections: ark:gselect.ark, ark,t:gselect.txt, "

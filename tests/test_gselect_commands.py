@@ -26,6 +26,7 @@ from test_kaldi_commands import (
     write_scp,
     write_subset,
 )
+from test_kaldi_parity import kaldi_gmm
 
 from emdist.corpora import digits_dir
 from emdist.data.datadir import load_data_dir
@@ -52,15 +53,6 @@ def utts():
 @pytest.fixture(scope="module")
 def gmm():
     return read_kaldi_model(MODEL)
-
-
-def kaldi_gmm(gmm):
-    out = k.DiagGmm(gmm.n_components, gmm.dim)
-    out.set_weights(gmm.weights.astype(np.float32))
-    out.set_invvars_and_means((1.0 / gmm.covariances).astype(np.float32),
-                              gmm.means.astype(np.float32))
-    out.compute_gconsts()
-    return out
 
 
 def selections(path) -> dict[str, np.ndarray]:
