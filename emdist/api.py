@@ -811,8 +811,10 @@ class WordRecognizer(_Estimator):
         if not hasattr(self, "models_"):
             raise _not_fitted(self)
 
-    def predict(self, X) -> list[str]:
-        """The best word of each utterance of the data dir ``X``, in ``feats.scp`` order."""
+    def predict(self, X) -> list[str | None]:
+        """The best word of each utterance of the data dir ``X``, in ``feats.scp`` order
+        (None for an utterance that no model can score: shorter than every HMM word model's
+        number of states)."""
         self._check_fitted()
         data = self._data_dir(X, require_labels=False)
         scores = score(self.models_, data, self._backend(), self.nj)

@@ -1,12 +1,15 @@
 """Isolated-word recognition: each utterance goes to the model with the highest total
 score, the log-likelihood ``log p(x_1..x_T | word)`` (a GMM's ``Σ_t log p(x_t)``, an HMM's
 forward total or best path) or minus the distortion of a k-means codebook; error rate and
-confusion matrix against ``text``.
+confusion matrix against ``text``. An utterance that no model can score (shorter than every
+HMM word model's number of states) gets no hypothesis and counts as an error, as a decoder
+that reaches no final state gives no output.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ from emdist.errors import RuntimeFailure, UserError
 from emdist.io.modelio import atomic_write_text, check_models_fit
 from emdist.models.estep import EStepOptions
 from emdist.tasks import GLOBAL_LABEL, Shard, score_shard
+
+log = logging.getLogger("emdist")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ class Results:
         return sum(u["ref"] != u["hyp"] for u in self.utts)
 
     @property
+    def n_unscored(self) -> int:
+        """Utterances no model could score (no hypothesis; errors, outside the confusion)."""
+        return sum(u["hyp"] is None for u in self.utts)
+
+    @property
     def error_rate(self) -> float:
         return self.n_errors / self.n_utts if self.utts else 0.0
 
@@ -51,6 +61,7 @@ class Results:
             "error_rate": self.error_rate,
             "n_utts": self.n_utts,
             "n_errors": self.n_errors,
+            "n_unscored": self.n_unscored,
             "labels": self.labels,
             "confusion": self.confusion.tolist(),
             "utts": self.utts,
@@ -90,11 +101,15 @@ def score(
     return {utt: scores for part in parts for utt, scores in part}
 
 
-def decide(scores: Mapping[str, float]) -> tuple[str, float]:
-    """The best label and its score (ties go to the first label in sorted order)."""
+def decide(scores: Mapping[str, float]) -> tuple[str | None, float]:
+    """The best label and its score (ties go to the first label in sorted order); None and
+    -inf when no model gives the utterance a finite score (each HMM word model needs at
+    least as many frames as it has states)."""
     labels = sorted(scores)
     values = np.array([scores[lab] for lab in labels])
     best = int(np.argmax(values))
+    if not np.isfinite(values[best]):
+        return None, float("-inf")
     return labels[best], float(values[best])
 
 
@@ -114,13 +129,21 @@ def evaluate(models: Mapping, data: DataDir, backend: Backend, nj: int = 8,
     index = {lab: i for i, lab in enumerate(labels)}
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
     utts = []
+    unscored = []
     for utt in data.utts:
         hyp, best = decide(scores[utt.utt_id])
-        confusion[index[utt.label], index[hyp]] += 1
-        # no model can align an utterance (an HMM, fewer frames than states): score null
+        if hyp is None:  # no model can align it (HMMs, fewer frames than states): null
+            unscored.append(utt)
+        else:
+            confusion[index[utt.label], index[hyp]] += 1
         utts.append({"utt": utt.utt_id, "ref": utt.label, "hyp": hyp,
                      "score": _finite(best),
                      "scores": {lab: _finite(v) for lab, v in sorted(scores[utt.utt_id].items())}})
+    if unscored:
+        first = unscored[0]
+        log.warning("%d utterances fit no model (e.g. %s, %d frames: fewer than any HMM word "
+                    "model's states); they have no hypothesis and count as errors",
+                    len(unscored), first.utt_id, first.num_frames)
     return Results(labels, utts, confusion)
 
 

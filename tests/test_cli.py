@@ -71,10 +71,12 @@ def _check_results(results: dict, data_dir: Path) -> None:
         "error_rate",
         "n_utts",
         "n_errors",
+        "n_unscored",
         "labels",
         "confusion",
         "utts",
     }
+    assert results["n_unscored"] == 0  # GMMs score every utterance
     labels = results["labels"]
     assert labels == sorted(data.labels)
     assert results["n_utts"] == len(data.utts)

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import warnings
@@ -246,6 +247,42 @@ def test_cli_viterbi_scores_are_best_paths(serial_exp, eval_dir, tmp_path):
     _ok(invoke("test", exp, eval_dir, "--workers", "0", "--viterbi", "--quiet"))
     results = json.loads((exp / "decode_test" / "results.json").read_text())
     _check_decisions(results, emdist.load_models(exp / "final.mdl"), eval_dir, best_path=True)
+
+
+@pytest.mark.timeout(60)
+def test_an_utterance_no_word_model_can_align_has_no_hypothesis(serial_exp, eval_dir,
+                                                                 tmp_path):
+    """Two frames, fewer than every 3-state word model has: no model gives it a finite
+    score, so it gets no hypothesis (not the first label, as before), counts as an error,
+    stays out of the confusion matrix, is reported in one warning line and shown in the
+    HTML report with a dash."""
+    exp = copy_exp(serial_exp("hmm"), tmp_path / "exp")
+    data = tmp_path / "short"
+    shutil.copytree(eval_dir, data)
+    first = (data / "feats.scp").read_text().splitlines()[0].split()
+    ref = (data / "text").read_text().splitlines()[0].split()[1]
+    with open(data / "feats.scp", "a") as fh:
+        fh.write(f"zz_short {first[1]}[0:1]\n")  # rows 0 and 1 of the first utterance
+    with open(data / "text", "a") as fh:
+        fh.write(f"zz_short {ref}\n")
+    result = invoke("test", exp, data, "--workers", "0")
+    _ok(result)
+    results = json.loads((exp / "decode_short" / "results.json").read_text())
+    short = results["utts"][-1]
+    assert short["utt"] == "zz_short" and short["hyp"] is None and short["score"] is None
+    assert set(short["scores"].values()) == {None}
+    assert results["n_unscored"] == 1
+    assert results["n_errors"] == 1 + sum(u["ref"] != u["hyp"] for u in results["utts"][:-1])
+    assert np.array(results["confusion"]).sum() == results["n_utts"] - 1
+    warnings = [ln for ln in result.output.splitlines() if "fit no model" in ln]
+    assert warnings == ["emdist: 1 utterances fit no model (e.g. zz_short, 2 frames: fewer "
+                        "than any HMM word model's states); they have no hypothesis and "
+                        "count as errors"]
+    assert f"[ {results['n_errors']} / {results['n_utts']} ]" in result.output
+    _ok(invoke("report", exp))
+    html = (exp / "report.html").read_text()
+    row = html.split('<td class="text">zz_short</td>', 1)[1].split("</tr>", 1)[0]
+    assert row.startswith(f'<td class="text">{ref}</td><td class="text">\u2014</td>'), row
 
 
 # -- 2. a killed worker, a killed driver: the undisturbed bytes ----------------------------

@@ -81,6 +81,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _or_dash(value: Any) -> Any:
+    """A missing value (an utterance no model could score has no hypothesis) as a dash."""
+    return "\u2014" if value is None else value
+
+
 def _num(value: Any, digits: int = 4) -> str:
     """A number for a table cell: ints as they are, floats with ``digits`` decimals."""
     if value is None:
@@ -230,7 +235,7 @@ def _misrecognised_table(results: dict[str, Any]) -> str:
         best = max(valid) if valid else None
         cells = [f'<td class="text">{_e(utt.get("utt"))}</td>',
                  f'<td class="text">{_e(utt.get("ref"))}</td>',
-                 f'<td class="text">{_e(utt.get("hyp"))}</td>']
+                 f'<td class="text">{_e(_or_dash(utt.get("hyp")))}</td>']
         for label in labels:
             score = scores.get(label)
             classes = []
