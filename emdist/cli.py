@@ -827,7 +827,7 @@ def get_frame_likes(
     features: FeaturesArg,
     likes_out: Annotated[str, typer.Argument(
         help="Kaldi wspecifier: ark:likes.ark, ark,t:likes.txt, ark,scp:likes.ark,likes.scp, "
-        "ark,t:- for standard output.")],
+        "'ark:| gzip -c > likes.gz', ark,t:- for standard output.")],
     average: Annotated[str, _bool_option(
         "One average log-likelihood per utterance instead of a vector per frame.",
         "--average")] = "false",
@@ -870,7 +870,8 @@ def gselect(
     features: FeaturesArg,
     gselect_out: Annotated[str, typer.Argument(
         help="Kaldi wspecifier for the selections: ark:gselect.ark, ark,t:gselect.txt, "
-        "ark,scp:gselect.ark,gselect.scp, ark:- for standard output (e.g. into gzip).")],
+        "ark,scp:gselect.ark,gselect.scp, 'ark:| gzip -c > gselect.1.gz', ark:- for "
+        "standard output.")],
     n: Annotated[int, typer.Option("--n", help="Gaussians selected per frame.")] = 50,
     label: Annotated[str | None, typer.Option(
         help="The model to select from, from a file of several models.")] = None,
