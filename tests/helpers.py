@@ -246,6 +246,17 @@ def kill_driver_after(train_args: Sequence, exp: Path, model: str = "3.mdl",
     assert (exp / model).exists() and not (exp / "final.mdl").exists(), "kill came too late"
 
 
+def one_line_error(result, *words):
+    """A CLI run (``CliRunner`` result) that failed with one line of output, emdist's,
+    holding each of ``words``, and no traceback."""
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("emdist"), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "Traceback" not in result.output
+
+
 def read_fails_in_one_line(reader, path: Path, data: bytes, what: str = "") -> str:
     """Write ``data`` to ``path``; ``reader(path)`` must raise a one-line UserError naming
     ``path``. Returns its message."""

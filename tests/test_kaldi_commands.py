@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import KALDI_MODELS, emdist_command
+from helpers import KALDI_MODELS, emdist_command, one_line_error
 from scipy.special import logsumexp
 from scipy.stats import norm
 from typer.testing import CliRunner
@@ -275,15 +275,6 @@ def small_model(tmp_path_factory) -> Path:
                     "--min-gaussian-occupancy=2000")
     assert result.exit_code == 0 and read_kaldi_model(path).n_components == 4, result.output
     return path
-
-
-def one_line_error(result, *words):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("emdist"), result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    assert "Traceback" not in result.output
 
 
 def test_est_refuses_accumulators_of_another_model(tmp_path, small_model):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import KALDI_MODELS, corrupt_and_read, read_fails_in_one_line
+from helpers import KALDI_MODELS, corrupt_and_read, one_line_error, read_fails_in_one_line
 from typer.testing import CliRunner
 
 from emdist.cli import app
@@ -313,8 +313,7 @@ def test_commands_report_bad_files_in_one_line(golden, tmp_path):
     bad.write_bytes(b"\0B<DiagGMM> FV ")
     result = invoke("import", bad, tmp_path / "out.mdl")
     assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0]
+    one_line_error(result, str(bad))
     assert not (tmp_path / "out.mdl").exists()
     result = invoke("import", tmp_path / "missing.kaldi", tmp_path / "out.mdl")
     assert result.exit_code == 2 and "missing.kaldi" in result.output
@@ -322,5 +321,4 @@ def test_commands_report_bad_files_in_one_line(golden, tmp_path):
     notmodel.write_bytes(b"garbage")
     result = invoke("export", notmodel, tmp_path / "x")
     assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and str(notmodel) in lines[0]
+    one_line_error(result, str(notmodel))
